@@ -1,0 +1,289 @@
+"""The run configuration: dataclasses filled from a YAML preset plus dotted command-line overrides.
+
+This is the only module that knows the schema. Everything is checked here, once, at the door: an unknown key,
+a wrong type or an impossible value is a UserError with one line that says what to change. Checks that need
+the runtime (world size, the data's length) live in `check_runtime`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from dist_gpt.errors import UserError
+from dist_gpt.model import CUDA_ONLY_BACKENDS, PRESETS, GPTConfig
+
+
+@dataclass
+class ModelSection(GPTConfig):
+    preset: str = ""  # a name from dist_gpt.model.PRESETS; its shape is the base the other keys override
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 dir | an exported .safetensors
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
+
+
+@dataclass
+class DataSection:
+    dataset: str = "bible-es"  # bible-es | local files (path or glob of .txt/.jsonl/.parquet) | hf:NAME (a Hugging Face dataset)
+    dir: str = ""  # where train.bin / val.bin / meta.json live; default data/<dataset name>
+    val_fraction: float = 0.01  # of documents, chosen deterministically
+    text_field: str = "text"  # the column holding text in jsonl/parquet/HF data
+    hf_split: str = "train"
+    num_proc: int = 0  # tokenizer processes; 0 = one per core
+
+
+@dataclass
+class TrainSection:
+    micro_batch_size: int | str = 8  # sequences per device per forward, or "auto" (the autotuner picks)
+    global_batch_size: int = 0  # sequences per optimizer step over all ranks; 0 = micro_batch_size x world size
+    max_steps: int = 100
+    lr: float = 6e-4
+    min_lr: float = 6e-5  # the cosine ends here
+    warmup_steps: int = 10
+    lr_decay_steps: int = 0  # 0 = max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 50  # steps; 0 = only at the end
+    eval_batches: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False
+    out_dir: str = "out"
+    run_name: str = ""  # default: the config's name; the run lives in out_dir/run_name
+
+
+@dataclass
+class ParallelSection:
+    strategy: str = "auto"  # auto | single | ddp | fsdp | deepspeed
+    ds_config: str = ""  # DeepSpeed JSON (ds_configs/zero2.json, ...); set by `deepspeed ... --ds_config`
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    fsdp_reshard_after_forward: bool = True  # True: ZeRO-3-like; False: ZeRO-2-like (keeps params gathered)
+    fsdp_cpu_offload: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = 10
+    wandb: str = "off"  # off | offline | online
+    wandb_project: str = "dist_gpt"
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1/Ctrl-C)
+    every_minutes: float = 0.0  # wall-clock cadence; 0 = off
+    keep_last_k: int = 3
+    resume: str = "auto"  # auto | never | PATH
+    async_save: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir) / (self.train.run_name or self.name)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir or Path("data") / dataset_slug(self.data.dataset))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {name: cls for name, cls in typing.get_type_hints(Config).items() if name != "name"}
+CHOICES = {
+    ("model", "position"): ("rope", "learned"),
+    ("model", "loss"): ("chunked", "plain"),
+    ("train", "device"): ("auto", "cuda", "mps", "cpu"),
+    ("train", "dtype"): ("auto", "fp32", "bf16"),
+    ("parallel", "strategy"): ("auto", "single", "ddp", "fsdp", "deepspeed"),
+    ("parallel", "backend"): ("auto", "nccl", "gloo"),
+    ("logging", "wandb"): ("off", "offline", "online"),
+}
+
+
+def dataset_slug(dataset: str) -> str:
+    """A folder name for a dataset spec: 'hf:Skylion007/openwebtext' -> 'openwebtext', 'books/*.txt' -> 'books'."""
+    name = dataset.removeprefix("hf:").rstrip("/")
+    for part in reversed(name.replace("\\", "/").split("/")):
+        stem = part.split("*")[0].split(".")[0]
+        if stem:
+            return stem
+    return "dataset"
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in resources.files("dist_gpt.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """A preset name (dist_gpt/configs/NAME.yaml) or a YAML path, then `section.key=value` overrides."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist: give a preset ({', '.join(preset_names())}) or a YAML path")
+        text, name = path.read_text(), path.stem
+    else:
+        resource = resources.files("dist_gpt.configs") / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise UserError(f"no config preset named {name_or_path!r}: choose one of {', '.join(preset_names())}, or give a .yaml path")
+        text, name = resource.read_text(), name_or_path
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{name_or_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{name_or_path} must be a mapping of sections ({', '.join(SECTIONS)})")
+    raw.setdefault("name", name)
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or "." not in key:
+        raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=200)")
+    section, _, leaf = key.strip().partition(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise UserError(f"override {item!r}: {section!r} is not a section")
+    target[leaf] = parsed
+
+
+def from_dict(raw: dict) -> Config:
+    raw = dict(raw)
+    name = str(raw.pop("name", "custom"))
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise UserError(f"unknown config section {sorted(unknown)[0]!r}: the sections are {', '.join(SECTIONS)}")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"config section {section!r} must be a mapping of keys")
+        if section == "model":
+            values = _expand_model_preset(values)
+        sections[section] = _build_section(section, cls, values)
+    config = Config(name=name, **sections)
+    check(config)
+    return config
+
+
+def _expand_model_preset(values: dict) -> dict:
+    name = values.get("preset") or ""
+    if name and name not in PRESETS:
+        raise UserError(f"model.preset={name!r} is unknown: choose one of {', '.join(PRESETS)}")
+    return {**PRESETS.get(name, {}), **values}
+
+
+def _build_section(section: str, cls: type, values: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown key {section}.{key}: the keys of {section} are {', '.join(hints)}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value, hint):
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, bool) and bool not in allowed:
+        raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, kind):
+            return value
+    raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")
+
+
+def _type_names(kinds) -> str:
+    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true/false"}[k] for k in kinds)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def check(config: Config) -> None:
+    """Every check that needs only the config. Raises UserError (one line, with the fix)."""
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise UserError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
+    try:
+        config.model.gpt_config().check()
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None
+    t = config.train
+    if isinstance(t.micro_batch_size, str) and t.micro_batch_size != "auto":
+        raise UserError(f"train.micro_batch_size={t.micro_batch_size!r} must be a positive integer or 'auto'")
+    positive = {"train.max_steps": t.max_steps, "train.eval_batches": t.eval_batches, "logging.log_every": config.logging.log_every}
+    if isinstance(t.micro_batch_size, int):
+        positive["train.micro_batch_size"] = t.micro_batch_size
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"{key}={value} must be at least 1")
+    non_negative = {
+        "train.global_batch_size": t.global_batch_size,
+        "train.warmup_steps": t.warmup_steps,
+        "train.lr_decay_steps": t.lr_decay_steps,
+        "train.eval_every": t.eval_every,
+        "train.grad_clip": t.grad_clip,
+        "train.weight_decay": t.weight_decay,
+        "checkpoint.every_steps": config.checkpoint.every_steps,
+        "checkpoint.every_minutes": config.checkpoint.every_minutes,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"{key}={value} must not be negative")
+    if not 0 < t.lr or not 0 <= t.min_lr <= t.lr:
+        raise UserError(f"need 0 < train.lr and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+    if not 0.0 < config.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction={config.data.val_fraction} must be between 0 and 1 (e.g. 0.01)")
+    if config.checkpoint.keep_last_k < 1:
+        raise UserError(f"checkpoint.keep_last_k={config.checkpoint.keep_last_k} must be at least 1 (the last good checkpoint is always kept)")
+    if config.parallel.strategy == "deepspeed" and not config.parallel.ds_config:
+        raise UserError("parallel.strategy=deepspeed needs a DeepSpeed config: launch with `deepspeed launch/train.py --ds_config ds_configs/zero2.json ...`")
+
+
+def check_runtime(config: Config, world_size: int, device_type: str, micro_batch_size: int) -> int:
+    """Checks that need the launch's facts. Returns the gradient-accumulation steps."""
+    if device_type != "cuda" and config.model.attn_backend in CUDA_ONLY_BACKENDS:
+        raise UserError(f"model.attn_backend={config.model.attn_backend} needs a CUDA GPU: use auto, flash or math on {device_type}")
+    per_step = micro_batch_size * world_size
+    global_batch = config.train.global_batch_size or per_step
+    if global_batch % per_step:
+        raise UserError(
+            f"train.global_batch_size={global_batch} is not divisible by micro_batch_size x world size = "
+            f"{micro_batch_size} x {world_size} = {per_step}: make it a multiple of {per_step}"
+        )
+    return global_batch // per_step
