@@ -1,9 +1,139 @@
-"""Linear + cross-entropy without the full logits (placeholder: plain path until the chunked kernel lands)."""
+"""Output projection + cross-entropy without ever holding the full logits.
+
+For a small GPT the output layer dominates everything: 2048 tokens x 50304 vocab of fp32 logits is 412 MB,
+and the plain path keeps those logits, their softmax and then their gradient (another 412 MB) alive across
+forward and backward. `linear_cross_entropy` instead walks over the tokens in chunks of `chunk_tokens` rows
+and, for each chunk, computes the logits, the loss and straight away the gradients they imply:
+
+    dL/dlogits_c = (softmax(logits_c) - onehot(targets_c)) / n_valid
+    grad_hidden_c = dL/dlogits_c @ W             (chunk, C)
+    grad_weight  += dL/dlogits_c^T @ hidden_c     (V, C), accumulated in fp32
+
+so the peak is one chunk x V fp32 buffer (reused by every chunk) instead of N x V logits plus their N x V
+gradient. What survives until backward is grad_hidden (N x C) and grad_weight (V x C), which the backward
+would have produced anyway; backward only scales them by the incoming gradient (usually 1, or 1/accum
+steps). The price is that the gradients are computed even if backward never runs; when autograd is off
+(evaluation) or neither input needs a gradient, only the loss is computed.
+
+The FLOPs are those of the plain path (3 matmuls of N x V x C): nothing is recomputed.
+
+Semantics match `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=...)`:
+- the loss is fp32 and the mean over targets != ignore_index; ignored tokens get a zero gradient;
+- if no target is valid the loss is nan (0/0) and the gradients are zero, exactly like F.cross_entropy;
+- every vocabulary row, padding rows that never appear as targets included, gets its softmax gradient;
+- under autocast the matmuls run in the autocast dtype (as F.linear would) while the softmax, the loss and
+  the weight-gradient accumulation are fp32; the gradients come back in the dtypes of the inputs.
+"""
+
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024, ignore_index: int = -1) -> torch.Tensor:
+def plain_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """The reference: full (N, V) logits, upcast to fp32, then F.cross_entropy."""
     logits = F.linear(hidden, weight).float()
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024, ignore_index: int = -1
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, computed `chunk_tokens` rows at a time.
+
+    hidden (N, C), weight (V, C), targets (N,) integer ids or ignore_index. Returns a 0-dim fp32 tensor."""
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError(f"expected hidden (N, C), weight (V, C), targets (N,); got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if hidden.size(0) != targets.size(0) or hidden.size(1) != weight.size(1):
+        raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be at least 1")
+    device_type = hidden.device.type
+    # Decided here, not inside forward: there autograd is always off and needs_input_grad ignores no_grad().
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    grad_enabled = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(
+        hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+    )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, need_grad_hidden, need_grad_weight):
+        # Autocast off: the casts below are explicit, and ops with out= are not autocast-aware.
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, grad_hidden, grad_weight = _chunked_forward(
+                hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, need_grad_hidden, need_grad_weight
+            )
+        ctx.input_dtypes = hidden.dtype, weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+        # Out of place: the saved gradients must stay intact if backward runs again (retain_graph=True).
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden.float() * grad_loss).to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, need_grad_hidden, need_grad_weight):
+    """Loss (fp32, 0-dim) and, as asked, grad of the loss w.r.t. hidden (compute dtype) and weight (fp32)."""
+    N, V = hidden.size(0), weight.size(0)
+    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    need_grad = need_grad_hidden or need_grad_weight
+
+    valid = targets != ignore_index
+    n_valid = valid.sum()  # stays a tensor: no host sync
+    # Per-token factor of dL/dlogits: 1/n_valid for counted tokens, 0 for ignored ones. clamp keeps it 0 (not
+    # nan) when nothing is counted, so the gradients are zero like F.cross_entropy's while the loss is 0/0.
+    token_scale = valid.float() / n_valid.clamp(min=1)
+    safe_targets = targets.masked_fill(~valid, 0).long()  # any in-range id; those rows are masked out
+
+    rows = min(chunk_tokens, N)
+    # One fp32 (rows, V) buffer serves every chunk: logits, then softmax, then dL/dlogits, in place.
+    z_buf = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
+    # For bf16/fp16 compute the matmuls need a low-precision twin of it (logits in, dL/dlogits out).
+    low_buf = torch.empty(rows, V, dtype=compute_dtype, device=hidden.device) if compute_dtype != torch.float32 else None
+    row_ids = torch.arange(rows, device=hidden.device)
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(h) if need_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_weight else None
+
+    for start in range(0, N, chunk_tokens):
+        end = min(start + chunk_tokens, N)
+        n = end - start
+        h_c, t_c, valid_c = h[start:end], safe_targets[start:end], valid[start:end]
+        z = z_buf[:n]
+        if low_buf is None:
+            torch.mm(h_c, w.t(), out=z)
+        else:
+            torch.mm(h_c, w.t(), out=low_buf[:n])
+            z.copy_(low_buf[:n])
+
+        lse = torch.logsumexp(z, dim=1)
+        token_loss = lse - z.gather(1, t_c.unsqueeze(1)).squeeze(1)
+        loss_sum += torch.where(valid_c, token_loss, 0.0).sum()
+        if not need_grad:
+            continue
+
+        z.sub_(lse.unsqueeze(1)).exp_()  # softmax
+        z[row_ids[:n], t_c] -= 1.0  # - onehot
+        z.mul_(token_scale[start:end].unsqueeze(1))  # / n_valid, and 0 for ignored tokens
+        dz = z if low_buf is None else low_buf[:n].copy_(z)
+
+        if need_grad_hidden:
+            torch.mm(dz, w, out=grad_hidden[start:end])
+        if need_grad_weight:
+            if low_buf is None:
+                grad_weight.addmm_(dz.t(), h_c)  # in place, no (V, C) temporary
+            else:
+                grad_weight += torch.mm(dz.t(), h_c)  # addmm_ cannot mix dtypes; the running sum stays fp32
+
+    return loss_sum / n_valid, grad_hidden, grad_weight

@@ -1,0 +1,379 @@
+"""Sharded, resumable checkpoints that survive the end of a rented GPU.
+
+Layout of a run:
+
+    out/<run>/checkpoints/
+        step_000500/            one checkpoint: the strategy's shards (DCP files, or DeepSpeed's), per-rank
+            manifest.json       RNG files, and the manifest (written last; a directory without one is incomplete)
+        step_001000/
+        latest                  the name of the newest complete checkpoint (replaced atomically, last)
+
+A save writes into `step_N.tmp/`, then every rank checksums its own files, rank 0 writes the manifest,
+renames the directory to `step_N/` (atomic on one filesystem) and only then points `latest` at it. A crash at
+any moment leaves `latest` on a complete checkpoint; a stale `.tmp` directory is removed by the next save.
+Older checkpoints beyond keep_last_k are deleted only after the new one is published.
+
+Loading never unpickles: model and optimizer tensors come through DCP (tensors only: see Strategy), RNG
+states through `torch.load(weights_only=True)`, everything else (step, data position, config) from JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_gpt.config import Config
+from dist_gpt.distributed import DistEnv
+from dist_gpt.errors import UserError
+
+FORMAT = "dist_gpt-checkpoint/1"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+# What a checkpoint's model must agree on with the run loading it (other fields, e.g. dropout, may change).
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "position", "bias")
+
+
+# ------------------------------------------------------------------------------------------ finding
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run dir, its checkpoints/ dir (-> the latest), or one step_N dir, to a complete checkpoint dir."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+        if (candidate / LATEST).is_file():
+            return candidate / (candidate / LATEST).read_text().strip()
+    if path.is_dir() and path.name.startswith("step_"):
+        raise UserError(f"checkpoint {path} has no {MANIFEST}: it was never completed; resume from another step_* directory")
+    raise UserError(f"no checkpoint at {path}: give a run directory, its checkpoints/ directory, or a step_* directory")
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    manifest_path = ckpt_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"checkpoint {ckpt_dir} has no {MANIFEST}: it was never completed; resume from another step_* directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"checkpoint {ckpt_dir}: {MANIFEST} is corrupt; resume from another step_* directory") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"checkpoint {ckpt_dir} is not a dist_gpt checkpoint ({MANIFEST} format {manifest.get('format')!r}, expected {FORMAT!r})")
+    return manifest
+
+
+def verify_files(ckpt_dir: Path, manifest: dict) -> None:
+    """Every file the manifest lists is there with its size and CRC32: catches truncated or corrupt shards."""
+    for name, (size, crc) in manifest["files"].items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise UserError(f"checkpoint {ckpt_dir} is missing {name}; resume from another step_* directory")
+        if path.stat().st_size != size:
+            raise UserError(f"checkpoint {ckpt_dir}: {name} is {path.stat().st_size} bytes, expected {size} (truncated?); resume from another step_* directory")
+        if file_crc32(path) != crc:
+            raise UserError(f"checkpoint {ckpt_dir}: {name} fails its checksum (corrupt); resume from another step_* directory")
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def check_model_shape(ckpt_dir: Path, manifest: dict, config: Config) -> None:
+    saved = manifest["config"]["model"]
+    diffs = [f"{k}={saved.get(k)!r} (this run: {getattr(config.model, k)!r})" for k in SHAPE_FIELDS if saved.get(k) != getattr(config.model, k)]
+    if diffs:
+        raise UserError(f"checkpoint {ckpt_dir} is of another model: {', '.join(diffs)}; use a matching config, or a new train.run_name / checkpoint.resume=never")
+
+
+# ------------------------------------------------------------------------------------------ RNG
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+
+@dataclass
+class StopRequest:
+    """Set by a signal handler; read (agreed over ranks) once per step by the loop."""
+
+    signal_name: str | None = None
+
+    @property
+    def requested(self) -> str | None:
+        return self.signal_name
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # schedulers and cloud notebooks send TERM/USR1 before a kill
+
+
+@contextlib.contextmanager
+def catch_stop_signals(stop: StopRequest):
+    """While inside, SIGTERM / SIGUSR1 / Ctrl-C ask the loop to finish its step, save and exit. A second
+    Ctrl-C interrupts at once."""
+
+    def handler(signum, frame):
+        if stop.signal_name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signal_name = signal.Signals(signum).name
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name), handler)
+    try:
+        yield stop
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
+
+
+# ------------------------------------------------------------------------------------------ the checkpointer
+
+
+class Checkpointer:
+    """Saves and resumes the stateful parts of a run: the strategy's model + optimizer, and `parts`
+    (objects with state_dict()/load_state_dict() returning JSON-able dicts: the data loader, the loop's state)."""
+
+    def __init__(self, config: Config, env: DistEnv, strategy, parts: dict):
+        self.config, self.env, self.strategy, self.parts = config, env, strategy, parts
+        self.root = config.run_dir / "checkpoints"
+        self.last_save_time = time.monotonic()
+        self.pending: tuple | None = None  # an async save in flight: (future, step, tmp_dir, final_dir, parts)
+        self.stop = StopRequest()
+
+    # ---------------------------------------------------------------- resume
+
+    def resume(self) -> str | None:
+        """Load the checkpoint that checkpoint.resume names (auto: this run's latest, if any). Returns its path."""
+        mode = self.config.checkpoint.resume
+        has_latest = (self.root / LATEST).is_file()
+        if mode == "never":
+            if has_latest:
+                raise UserError(
+                    f"{self.config.run_dir} already has checkpoints and checkpoint.resume=never would overwrite them: "
+                    f"choose a new train.run_name, or resume with checkpoint.resume=auto"
+                )
+            return None
+        if mode == "auto":
+            if not has_latest:
+                return None
+            ckpt_dir = resolve_checkpoint_dir(self.root)
+        else:
+            ckpt_dir = resolve_checkpoint_dir(mode)
+        self.load(ckpt_dir)
+        return str(ckpt_dir)
+
+    def load(self, ckpt_dir: Path) -> None:
+        manifest = read_manifest(ckpt_dir)
+        check_model_shape(ckpt_dir, manifest, self.config)
+        if self.env.is_main:
+            verify_files(ckpt_dir, manifest)
+        self._barrier()
+        self.strategy.load_checkpoint(ckpt_dir, manifest)
+        for name, part in self.parts.items():
+            part.load_state_dict(manifest["parts"][name])
+        rng_file = ckpt_dir / f"rng_rank{self.env.rank}.pt"
+        if rng_file.is_file():  # absent when this run has more ranks than the one that saved: those reseed
+            set_rng_state(torch.load(rng_file, weights_only=True), self.env.device)
+
+    # ---------------------------------------------------------------- save
+
+    def due(self, step: int) -> bool:
+        c = self.config.checkpoint
+        by_steps = bool(c.every_steps) and step % c.every_steps == 0
+        by_clock = bool(c.every_minutes) and time.monotonic() - self.last_save_time >= 60 * c.every_minutes
+        return by_steps or self._agree(by_clock)
+
+    def save(self, step: int) -> None:
+        """Save the current state as step `step`. With checkpoint.async_save the files are written in the
+        background and published at the next save, poll or finish."""
+        self.wait()  # one save in flight at most; also publishes the previous one
+        final_dir = self.root / step_dir_name(step)
+        if final_dir.exists():
+            return  # already saved at this step (e.g. the end of the run after a periodic save)
+        tmp_dir = self.root / (final_dir.name + ".tmp")
+        if self.env.is_main:
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)  # left by a crash mid-save: never published, safe to remove
+            tmp_dir.mkdir(parents=True)
+        self._barrier()
+        torch.save(rng_state(self.env.device), tmp_dir / f"rng_rank{self.env.rank}.pt")
+        parts = {name: part.state_dict() for name, part in self.parts.items()}
+        future = self.strategy.save_checkpoint(tmp_dir, async_save=self.config.checkpoint.async_save)
+        self.last_save_time = time.monotonic()
+        if future is None:
+            self._publish(step, tmp_dir, final_dir, parts)
+        else:
+            self.pending = (future, step, tmp_dir, final_dir, parts)
+
+    def poll(self) -> None:
+        """Publish an async save whose files are written (called once per step; cheap)."""
+        if self.pending is not None and self._agree(self.pending[0].done()):
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        future, step, tmp_dir, final_dir, parts = self.pending
+        self.pending = None
+        future.result()
+        self._publish(step, tmp_dir, final_dir, parts)
+
+    def finish(self) -> None:
+        self.wait()
+
+    def _publish(self, step: int, tmp_dir: Path, final_dir: Path, parts: dict) -> None:
+        # Each rank checksums the files it wrote; rank 0 gathers them into the manifest.
+        mine = {p.name: [p.stat().st_size, file_crc32(p)] for p in sorted(tmp_dir.iterdir()) if self._written_by_me(p.name)}
+        files = self._gather_dicts(mine)
+        if self.env.is_main:
+            manifest = {
+                "format": FORMAT,
+                "step": step,
+                "strategy": self.strategy.name,
+                "world_size": self.env.world_size,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "parts": parts,
+                "config": self.config.to_dict(),
+                "files": files,
+            }
+            write_atomically(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
+            os.replace(tmp_dir, final_dir)
+            write_atomically(self.root / LATEST, final_dir.name)
+            self._delete_old(keep=final_dir.name)
+            print(f"checkpoint saved: {final_dir}", flush=True)
+        self._barrier()
+
+    def _written_by_me(self, name: str) -> bool:
+        """Who checksums which file: rank r its own RNG file and shard files; rank 0 everything else."""
+        rank = self.env.rank
+        for owner in range(self.env.world_size):
+            if name in (f"rng_rank{owner}.pt",) or name.startswith(f"__{owner}_") or name.startswith(f"ds_rank{owner}_"):
+                return owner == rank
+        return rank == 0
+
+    def _delete_old(self, keep: str) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[: -self.config.checkpoint.keep_last_k]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---------------------------------------------------------------- signals
+
+    @contextlib.contextmanager
+    def stop_signals(self):
+        with catch_stop_signals(self.stop):
+            yield self
+
+    def should_stop(self) -> str | None:
+        """The signal that asked us to stop, agreed over ranks (a scheduler may signal only some of them)."""
+        local = self.stop.requested
+        if self._agree(local is not None):
+            return local or "a signal on another rank"
+        return None
+
+    # ---------------------------------------------------------------- collectives
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (so every rank takes the same branch)."""
+        if not self.env.distributed:
+            return flag
+        value = torch.tensor([int(flag)], device=self._comm_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _gather_dicts(self, mine: dict) -> dict:
+        if not self.env.distributed:
+            return mine
+        gathered = [None] * self.env.world_size
+        dist.all_gather_object(gathered, mine)
+        return {k: v for d in gathered for k, v in d.items()}
+
+    def _barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        return self.env.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename: a reader sees the old content or the new, never half."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ consolidation
+
+
+def consolidated_state_dict(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The full (unsharded) model weights of any checkpoint, in one process, with its run config.
+
+    DCP checkpoints (single / DDP / FSDP, any world size) load straight into full tensors; ZeRO checkpoints
+    go through DeepSpeed's own consolidation."""
+    from dist_gpt.config import from_dict
+    from dist_gpt.model import GPT
+
+    ckpt_dir = resolve_checkpoint_dir(path)
+    manifest = read_manifest(ckpt_dir)
+    verify_files(ckpt_dir, manifest)
+    config = from_dict(manifest["config"])
+    if manifest["strategy"] == "deepspeed":
+        from dist_gpt.parallel.deepspeed import consolidated_model_state
+
+        return config, consolidated_model_state(ckpt_dir)
+    import torch.distributed.checkpoint as dcp
+
+    model = GPT(config.model.gpt_config())
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+    return config, state["model"]
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu"):
+    """A GPT ready for inference from a checkpoint (run dir, checkpoints dir, step dir) or an export (.safetensors)."""
+    from dist_gpt.model import GPT
+
+    if str(path).endswith(".safetensors"):
+        from dist_gpt.pretrained import load_exported
+
+        model = load_exported(path)
+    else:
+        config, state = consolidated_state_dict(path)
+        model = GPT(config.model.gpt_config())
+        model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,310 @@
+"""Load pretrained weights into our GPT: Hugging Face GPT-2 checkpoints, and our own exported format.
+
+Hugging Face GPT-2 (`load_hf_gpt2`): a local directory holding `config.json` and `model.safetensors` (or
+`pytorch_model.bin`), or one of the names gpt2, gpt2-medium, gpt2-large, gpt2-xl, fetched from the hub when
+there is internet. Our module names are HF's without the `transformer.` prefix; the differences are:
+  - HF stores the attention and MLP matrices as Conv1D, shaped (in, out): we transpose them to nn.Linear's (out, in);
+  - HF keeps the causal mask as buffers (`attn.bias`, `attn.masked_bias`): SDPA's is_causal replaces them;
+  - the embedding is padded from 50257 to 50304 rows; `lm_head` is tied to `wte`, so it is not read.
+With position='rope' everything but the learned position table `wpe` is loaded, and positions are relearned.
+
+Our export (`save_exported` / `load_exported`): one .safetensors file with our state dict, and the GPTConfig as
+JSON in the file's metadata under "gpt_config", so the file alone rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dist_gpt.errors import UserError
+from dist_gpt.model import GPT2_VOCAB_SIZE, GPT, GPTConfig, RotaryEmbedding, gpt_config_fields
+
+log = logging.getLogger(__name__)
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HUB_ORG = "openai-community"  # where the hub keeps OpenAI's GPT-2 releases (the bare names redirect there)
+HF_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # the causal-mask buffers, not weights
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")  # HF GPT-2's Conv1D layers: weight stored (in, out)
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation our MLP uses
+EXPORT_CONFIG_KEY = "gpt_config"
+# The fields that fix tensor shapes: a checkpoint decides them, an override may only repeat them.
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "tokenizer_vocab_size", "position")
+
+
+def is_gpt2_name(source: str | os.PathLike) -> bool:
+    return str(source) in GPT2_NAMES
+
+
+# ----------------------------------------------------------------------------------------------- HF GPT-2
+
+
+def load_hf_gpt2(source: str | os.PathLike, position: str = "rope", **overrides) -> GPT:
+    """A GPT holding a Hugging Face GPT-2 checkpoint, on the CPU in fp32.
+
+    source: a directory (config.json + weights) or a GPT-2 name. position: 'learned' loads every tensor and
+    reproduces the original model; 'rope' loads all but wpe. overrides: other GPTConfig fields (dropout,
+    attn_backend, loss, a smaller block_size, ...); the shape fields come from the checkpoint."""
+    directory = _resolve(source)
+    config = _config_from_hf(_read_hf_config(directory), position, overrides, directory)
+    weights_path, hf_state_dict = _read_hf_weights(directory)
+    try:
+        state_dict = hf_state_dict_to_ours(hf_state_dict, config)
+    except UserError as e:
+        raise UserError(f"{weights_path}: {e}") from None
+    model = _model_from_state_dict(config, state_dict)
+    if position == "rope":
+        log.warning("%s: loaded with RoPE positions; its learned position table (wpe) is dropped, so positions are relearned by fine-tuning", source)
+    return model
+
+
+def hf_state_dict_to_ours(hf_state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Rename, transpose, pad and crop HF GPT-2 tensors into the state dict of GPT(config), without lm_head
+    (tied to wte). Raises one UserError listing every key that is missing, unexpected or of the wrong shape,
+    with shapes as the checkpoint stores them."""
+    wanted = _model_shapes(config)
+    del wanted["lm_head.weight"]
+    ours, seen, problems = {}, set(), []
+    for hf_key, tensor in hf_state_dict.items():
+        name = hf_key.removeprefix("transformer.")
+        if name == "lm_head.weight" or HF_MASK_BUFFER.fullmatch(name):
+            continue  # the tied output matrix (it is wte) and the causal-mask buffers
+        if name == "wpe.weight" and config.position == "rope":
+            continue  # RoPE has no position table
+        if name not in wanted:
+            problems.append(f"{hf_key}: unexpected, the model has no such tensor")
+            continue
+        seen.add(name)
+        converted = _hf_to_our_layout(name, tensor, config)
+        if tuple(converted.shape) != wanted[name]:
+            problems.append(f"{hf_key}: checkpoint has {tuple(tensor.shape)}, model expects {_hf_layout(name, wanted[name], config)}")
+            continue
+        ours[name] = converted
+    problems += [f"{name}: missing from the checkpoint" for name in wanted if name not in seen]
+    if problems:
+        raise UserError(_summarise(problems, config))
+    return ours
+
+
+def _hf_to_our_layout(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    if name.endswith(".weight") and name.split(".")[-2] in CONV1D_MODULES and tensor.dim() == 2:
+        return tensor.t().contiguous()
+    if name == "wte.weight" and tensor.size(0) == config.tokenizer_vocab_size:
+        # The pad rows are zero, not random: loading stays deterministic (no RNG), and a zero row gives a
+        # constant logit of 0 that training pushes down. They are never inputs, and generate() masks them.
+        padding = tensor.new_zeros(config.vocab_size - tensor.size(0), tensor.size(1))
+        return torch.cat((tensor, padding))
+    if name == "wpe.weight":
+        return tensor[: config.block_size].contiguous()  # a smaller block_size keeps the first positions
+    return tensor
+
+
+def _hf_layout(name: str, our_shape: tuple[int, ...], config: GPTConfig) -> str:
+    """Our expected shape, said in the checkpoint's terms so it compares with what the file holds."""
+    if name.endswith(".weight") and name.split(".")[-2] in CONV1D_MODULES:
+        return f"{our_shape[::-1]} (Conv1D, stored (in, out))"
+    if name == "wte.weight":
+        return str((config.tokenizer_vocab_size, config.n_embd))
+    if name == "wpe.weight":
+        return f"({config.block_size} or more, {config.n_embd})"
+    return str(our_shape)
+
+
+def _config_from_hf(hf: dict, position: str, overrides: dict, directory: Path) -> GPTConfig:
+    where = directory / "config.json"
+    if hf.get("model_type") != "gpt2":
+        raise UserError(f"{where}: model_type is {hf.get('model_type')!r}, not 'gpt2': only GPT-2 checkpoints can be imported")
+    shape = {}
+    for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+        if not isinstance(hf.get(name), int):
+            raise UserError(f"{where}: {name} is {hf.get(name)!r}, not an integer: is this a GPT-2 config?")
+        shape[name] = hf[name]
+    unsupported = _unsupported_setting(hf)
+    if unsupported:
+        raise UserError(f"{where}: {unsupported}, which our GPT does not implement")
+    base = GPTConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"], block_size=shape["n_positions"], position=position, bias=True)
+    # vocab_size may differ: the padding of the embedding is ours to choose, not the checkpoint's.
+    fixed = tuple(name for name in SHAPE_FIELDS if name != "vocab_size")
+    config = _with_overrides(base, overrides, fixed=fixed, source=where)
+    if position == "learned" and config.block_size > shape["n_positions"]:
+        raise UserError(f"block_size={config.block_size} exceeds the checkpoint's n_positions={shape['n_positions']}: learned positions stop there; use block_size <= {shape['n_positions']} or position='rope'")
+    return config
+
+
+def _unsupported_setting(hf: dict) -> str | None:
+    """The first config.json setting that changes GPT-2's computation away from what our GPT does."""
+    n_embd = hf["n_embd"]
+    # (field, HF's default when absent, accepted?, what we implement)
+    settings = [
+        ("vocab_size", GPT2_VOCAB_SIZE, lambda v: v == GPT2_VOCAB_SIZE, f"{GPT2_VOCAB_SIZE}, the GPT-2 tokenizer's"),
+        ("activation_function", "gelu_new", lambda v: v in TANH_GELUS, "the tanh GELU (gelu_new)"),
+        ("n_inner", None, lambda v: v in (None, 4 * n_embd), f"an MLP of 4 x n_embd = {4 * n_embd}"),
+        ("layer_norm_epsilon", 1e-5, lambda v: isinstance(v, (int, float)) and math.isclose(v, 1e-5), "1e-5"),
+        ("scale_attn_weights", True, lambda v: v is True, "true"),
+        ("scale_attn_by_inverse_layer_idx", False, lambda v: v is False, "false"),
+        ("add_cross_attention", False, lambda v: v is False, "false"),
+        ("tie_word_embeddings", True, lambda v: v is True, "true (lm_head tied to wte)"),
+    ]
+    for field, default, accepted, implemented in settings:
+        value = hf.get(field, default)
+        if not accepted(value):
+            return f"{field} is {value!r} (we implement {implemented})"
+    return None
+
+
+def _resolve(source: str | os.PathLike) -> Path:
+    """The local directory for source; a GPT-2 name is downloaded unless a directory of that name exists."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if is_gpt2_name(source):
+        return _download(str(source))
+    if path.exists():
+        raise UserError(f"{path} is a file: pass the directory that holds config.json and model.safetensors")
+    raise UserError(f"{source}: no such directory, and not a GPT-2 name ({', '.join(GPT2_NAMES)})")
+
+
+def _download(name: str) -> Path:
+    repo = f"{HUB_ORG}/{name}"
+    try:
+        from huggingface_hub import snapshot_download  # lazy: only this path needs it
+
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # no package, no network, offline mode, hub errors: all have the same fix
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"cannot fetch {name!r} from the Hugging Face hub ({reason}): on a machine with internet run "
+            f"`hf download {repo} config.json model.safetensors --local-dir {name}`, copy that directory here and pass its path"
+        ) from None
+
+
+def _read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"{directory}: no config.json: pass a Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return config
+
+
+def _read_hf_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    for path in (directory / "model.safetensors", directory / "pytorch_model.bin"):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                state_dict = load_file(path)
+            else:
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)  # never run a file's pickled code
+        except Exception as e:  # SafetensorError, UnpicklingError, ...: a damaged or foreign file
+            raise UserError(f"{path}: cannot read the weights ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+            raise UserError(f"{path}: not a state dict of tensors")
+        return path, state_dict
+    raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin: the weights are missing")
+
+
+# ----------------------------------------------------------------------------------------------- our export
+
+
+def save_exported(model: GPT, path: str | os.PathLike) -> None:
+    """Write an unwrapped GPT (full tensors, not DDP/FSDP/DeepSpeed shards) to one .safetensors file.
+
+    lm_head.weight is left out: it is wte.weight, and safetensors refuses tensors that share memory."""
+    state_dict = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    config = {name: getattr(model.config, name) for name in gpt_config_fields()}  # GPTConfig's fields only, not a subclass's
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, path, metadata={"format": "pt", EXPORT_CONFIG_KEY: json.dumps(config)})
+
+
+def load_exported(path: str | os.PathLike, **overrides) -> GPT:
+    """The GPT saved by save_exported, on the CPU in fp32. overrides: GPTConfig fields that do not change
+    shapes (dropout, attn_backend, loss, and block_size with RoPE)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file: pass a .safetensors file written by the export")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # SafetensorError on anything that is not a safetensors file
+        raise UserError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    if EXPORT_CONFIG_KEY not in metadata:
+        raise UserError(f"{path}: no {EXPORT_CONFIG_KEY!r} in its metadata, so not a dist_gpt export (a Hugging Face GPT-2? pass its directory)")
+    try:
+        saved = GPTConfig(**json.loads(metadata[EXPORT_CONFIG_KEY]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its {EXPORT_CONFIG_KEY!r} metadata is not a GPTConfig ({e})") from None
+    fixed = SHAPE_FIELDS + (("block_size",) if saved.position == "learned" else ())  # RoPE tables are recomputed for any length
+    config = _with_overrides(saved, overrides, fixed=fixed, source=path)
+    wanted = _model_shapes(config)
+    del wanted["lm_head.weight"]
+    problems = [f"{name}: missing from the checkpoint" for name in wanted if name not in state_dict]
+    problems += [f"{name}: unexpected, the model has no such tensor" for name in state_dict if name not in wanted]
+    problems += [
+        f"{name}: checkpoint has {tuple(t.shape)}, model expects {wanted[name]}"
+        for name, t in state_dict.items()
+        if name in wanted and tuple(t.shape) != wanted[name]
+    ]
+    if problems:
+        raise UserError(f"{path}: {_summarise(problems, config)}")
+    return _model_from_state_dict(config, state_dict)
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+def _with_overrides(base: GPTConfig, overrides: dict, fixed: tuple[str, ...], source: str | os.PathLike) -> GPTConfig:
+    unknown = sorted(set(overrides) - set(gpt_config_fields()))
+    if unknown:
+        raise UserError(f"unknown model setting(s) {', '.join(unknown)}: choose from {', '.join(gpt_config_fields())}")
+    for name in fixed:
+        if name in overrides and overrides[name] != getattr(base, name):
+            raise UserError(f"{name}={overrides[name]!r} conflicts with {source}, which has {name}={getattr(base, name)!r}: drop that setting")
+    config = replace(base, **overrides)
+    try:
+        config.check()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return config
+
+
+def _model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: no memory, no init
+        return {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+
+
+def _model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
+    """GPT(config) holding state_dict (checked already; lm_head comes from the tie)."""
+    # Built on the meta device and then given empty storage: GPT-2's random init, which the checkpoint
+    # overwrites anyway, costs seconds of CPU for gpt2-xl.
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.wte.weight  # to_empty gives each module its own new tensor: tie them again
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters()  # the cos/sin tables are not in checkpoints: compute them for real
+    model.load_state_dict({**state_dict, "lm_head.weight": state_dict["wte.weight"]})
+    return model
+
+
+def _summarise(problems: list[str], config: GPTConfig) -> str:
+    """One line: the checkpoint's first problems and how many more."""
+    shown = "; ".join(problems[:3])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return f"checkpoint does not fit a GPT with n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}: {shown}{more}"
