@@ -53,7 +53,8 @@ def load_hf_gpt2(source: str | os.PathLike, position: str = "rope", **overrides)
 
     source: a directory (config.json + weights) or a GPT-2 name. position: 'learned' loads every tensor and
     reproduces the original model; 'rope' loads all but wpe. overrides: other GPTConfig fields (dropout,
-    attn_backend, loss, a smaller block_size, ...); the shape fields come from the checkpoint."""
+    attn_backend, loss, block_size: smaller with learned positions, any with RoPE); the shape fields come
+    from the checkpoint."""
     directory = _resolve(source)
     config = _config_from_hf(_read_hf_config(directory), position, overrides, directory)
     weights_path, hf_state_dict = _read_hf_weights(directory)
@@ -180,9 +181,8 @@ def _download(name: str) -> Path:
 
         return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
     except Exception as e:  # no package, no network, offline mode, hub errors: all have the same fix
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"cannot fetch {name!r} from the Hugging Face hub ({reason}): on a machine with internet run "
+            f"cannot fetch {name!r} from the Hugging Face hub ({_first_line(e)}): on a machine with internet run "
             f"`hf download {repo} config.json model.safetensors --local-dir {name}`, copy that directory here and pass its path"
         ) from None
 
@@ -210,7 +210,7 @@ def _read_hf_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             else:
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)  # never run a file's pickled code
         except Exception as e:  # SafetensorError, UnpicklingError, ...: a damaged or foreign file
-            raise UserError(f"{path}: cannot read the weights ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+            raise UserError(f"{path}: cannot read the weights ({_first_line(e)})") from None
         if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
             raise UserError(f"{path}: not a state dict of tensors")
         return path, state_dict
@@ -233,7 +233,8 @@ def save_exported(model: GPT, path: str | os.PathLike) -> None:
 
 def load_exported(path: str | os.PathLike, **overrides) -> GPT:
     """The GPT saved by save_exported, on the CPU in fp32. overrides: GPTConfig fields that do not change
-    shapes (dropout, attn_backend, loss, and block_size with RoPE)."""
+    shapes (dropout, attn_backend, loss, ...) and block_size: any with RoPE, a smaller one with learned
+    positions (the table is cropped)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file: pass a .safetensors file written by the export")
@@ -242,15 +243,18 @@ def load_exported(path: str | os.PathLike, **overrides) -> GPT:
             metadata = f.metadata() or {}
             state_dict = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # SafetensorError on anything that is not a safetensors file
-        raise UserError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     if EXPORT_CONFIG_KEY not in metadata:
         raise UserError(f"{path}: no {EXPORT_CONFIG_KEY!r} in its metadata, so not a dist_gpt export (a Hugging Face GPT-2? pass its directory)")
     try:
         saved = GPTConfig(**json.loads(metadata[EXPORT_CONFIG_KEY]))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: its {EXPORT_CONFIG_KEY!r} metadata is not a GPTConfig ({e})") from None
-    fixed = SHAPE_FIELDS + (("block_size",) if saved.position == "learned" else ())  # RoPE tables are recomputed for any length
-    config = _with_overrides(saved, overrides, fixed=fixed, source=path)
+    config = _with_overrides(saved, overrides, fixed=SHAPE_FIELDS, source=path)
+    if config.position == "learned" and "wpe.weight" in state_dict:  # RoPE tables are recomputed for any block_size
+        if config.block_size > saved.block_size:
+            raise UserError(f"block_size={config.block_size} exceeds the {saved.block_size} positions {path} learned: use block_size <= {saved.block_size}")
+        state_dict["wpe.weight"] = state_dict["wpe.weight"][: config.block_size]
     wanted = _model_shapes(config)
     del wanted["lm_head.weight"]
     problems = [f"{name}: missing from the checkpoint" for name in wanted if name not in state_dict]
@@ -301,6 +305,10 @@ def _model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor
             module.reset_parameters()  # the cos/sin tables are not in checkpoints: compute them for real
     model.load_state_dict({**state_dict, "lm_head.weight": state_dict["wte.weight"]})
     return model
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _summarise(problems: list[str], config: GPTConfig) -> str:

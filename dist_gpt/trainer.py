@@ -127,6 +127,7 @@ def _train(config: Config, env: DistEnv) -> dict:
         for block in model.h:
             block.compile()  # per block: works the same under DDP, FSDP and DeepSpeed
     flops_per_token = model.flops_per_token()
+    strategy.configure_batch(micro_batch, grad_accum)  # DeepSpeed bakes the batch shape into its engine
     strategy.wrap(model, make_optimizer_factory(config, env.device))
     attention = model.attention_backend()  # probed after the move to the device: what really runs there
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.utils.checkpoint import checkpoint
 
 from dist_gpt.config import Config
 from dist_gpt.distributed import DistEnv
@@ -27,11 +31,29 @@ class Strategy(ABC):
     def __init__(self, config: Config, env: DistEnv):
         self.config, self.env = config, env
         self.model: nn.Module | None = None  # the wrapped model (what forward runs)
+        self.unwrapped_model: nn.Module | None = None  # the GPT inside (its state dict keys are the plain ones)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.micro_batch_size: int | None = None  # set by configure_batch before wrap
+        self.grad_accum_steps: int | None = None
+
+    def configure_batch(self, micro_batch_size: int, grad_accum_steps: int) -> None:
+        """The resolved batch shape, told before wrap. Most strategies don't need it; DeepSpeed bakes it
+        into its engine (train_micro_batch_size_per_gpu, gradient_accumulation_steps)."""
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
 
     @abstractmethod
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Take the plain model (on CPU or its device) and build self.model and self.optimizer."""
+
+    def prepare_model(self, model: nn.Module, to_device: bool = True) -> nn.Module:
+        """What every strategy does to the plain model before wrapping it: move it to the device (unless the
+        wrapper places parameters itself) and apply activation checkpointing when asked."""
+        if to_device:
+            model = model.to(self.env.device)
+        if self.config.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.unwrapped_model = model
+        return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA when the config asks for bf16; strategies that cast parameters themselves
@@ -117,3 +139,47 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         for key, value in state.items():
             if torch.is_tensor(value):
                 value.zero_()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def transformer_blocks(model: nn.Module) -> Iterable[nn.Module]:
+    """The repeated blocks: the unit of activation checkpointing and of FSDP sharding."""
+    return model.h
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (memory for ~1/3 more compute).
+
+    The block's `forward` is replaced on the instance rather than the block wrapped in a `checkpoint_wrapper`
+    module: the module tree and its state-dict keys stay the plain ones, so checkpoints and exports are the
+    same with and without it. Wrappers that hook a module's call (FSDP unshard, ZeRO-3 gather) still see
+    every block's call; non-reentrant checkpointing recomputes inside that block's backward, after those
+    wrappers have gathered its parameters again."""
+    for block in transformer_blocks(model):
+        if getattr(block, "_activation_checkpointed", False):
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block._activation_checkpointed = True
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm (max_norm 0 = only measure it) and return it as a float.
+
+    With FSDP2 the gradients are DTensor shards: clip_grad_norm_ all-reduces the partial norms and returns a
+    DTensor, which full_tensor() turns into the same plain value on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm or math.inf)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def ensure_process_group(env: DistEnv, backend: str = "auto") -> None:
+    """Wrappers that need a process group (DDP, FSDP, DeepSpeed) get a group of one when launched as a single
+    process: init_distributed only joins a group when WORLD_SIZE > 1. An in-memory store: nothing to listen on."""
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn as nn
 
-from dist_gpt.parallel.base import OptimizerFactory, Strategy
+from dist_gpt.parallel.base import OptimizerFactory, Strategy, clip_grad_norm
 
 
 class SingleDevice(Strategy):
+    """Also the skeleton of DDP and FSDP: they only change `parallelize` and how gradient sync is skipped."""
+
     name = "single"
 
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        self.model = model.to(self.env.device)
-        self.optimizer = make_optimizer(self.model)
+        model = self.prepare_model(model)
+        self.model = self.parallelize(model)
+        self.optimizer = make_optimizer(model)  # after parallelize: FSDP replaces the parameters with shards
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Return the module that runs forward (a wrapper, or the model itself sharded in place)."""
+        return model
 
     def forward_backward(self, x, y, loss_scale, sync_grads):
         with self.autocast():
@@ -24,7 +28,7 @@ class SingleDevice(Strategy):
         return loss.detach()
 
     def clip_and_step(self, max_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        norm = clip_grad_norm(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm

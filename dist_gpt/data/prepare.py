@@ -1,0 +1,274 @@
+"""Tokenize a dataset into train.bin / val.bin (GPT-2 ids as uint16) plus meta.json.
+
+- Documents stream through in batches: each batch is tokenized by tiktoken's threads (which release the GIL)
+  while the next one is read, then appended to the .bin files. Memory stays flat whatever the dataset's size.
+- Every document is followed by the end-of-text token (50256), so the model sees where documents end.
+- The split is by document and by content: a document goes to val when a hash of its text falls below
+  val_fraction. The same text always lands in the same split, whatever the order or the machine, and a
+  duplicated document cannot sit on both sides. If the hash leaves one side empty (a tiny dataset), the
+  document closest to the threshold is moved over, so both splits always have text.
+- Files are written under temporary names and renamed at the end, and meta.json (the mark of a finished
+  prepare) is removed first and written last: an interrupted prepare never looks complete.
+- meta.json records the inputs' sha256 and the settings; re-running on the same inputs and settings does
+  nothing (force=True redoes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dist_gpt.data.sources import Source, open_source
+from dist_gpt.errors import UserError
+from dist_gpt.tokenizer import EOT_ID, encode_batch, gpt2_encoding
+
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the disk of int32
+FORMAT_VERSION = 1
+BATCH_CHARS = 1 << 23  # ~8 MB of text per tokenizer call: enough work for every thread, little memory
+BATCH_DOCUMENTS = 8192
+COPY_CHUNK_TOKENS = 1 << 24
+
+
+def bin_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}.bin"
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a finished prepare; UserError (with the command to run) if there is none."""
+    data_dir = Path(data_dir)
+    path = data_dir / META_FILE
+    if not path.is_file():
+        raise UserError(f"no prepared data in {data_dir}: run python -m dist_gpt.prepare --dataset ... --out {data_dir}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON: re-run python -m dist_gpt.prepare --out {data_dir} --force") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"{path} has format {meta.get('format')}, this code reads {FORMAT_VERSION}: re-run python -m dist_gpt.prepare --out {data_dir} --force")
+    return meta
+
+
+def prepare_dataset(
+    dataset: str,
+    out_dir: str | Path,
+    val_fraction: float = 0.01,
+    text_field: str = "text",
+    hf_split: str = "train",
+    num_proc: int = 0,
+    force: bool = False,
+) -> dict:
+    """Tokenize `dataset` (a spec, see dist_gpt.data.sources) into out_dir. Returns the meta dict."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.01)")
+    if num_proc < 0:
+        raise UserError(f"num_proc={num_proc} must be 0 (one per core) or more")
+    start = time.perf_counter()  # the whole job counts: reading, hashing, loading the tokenizer, writing
+    out_dir = Path(out_dir)
+    source = open_source(dataset, text_field, hf_split)
+    settings = {
+        "format": FORMAT_VERSION,
+        "tokenizer": "gpt2",
+        "source": source.spec,
+        "input_sha256": source.identity(),
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+        "hf_split": hf_split,
+    }
+    if not force and _is_up_to_date(out_dir, settings):
+        meta = read_meta(out_dir)
+        print(f"{out_dir} is up to date for {dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens): nothing to do (--force redoes it)")
+        return meta
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META_FILE).unlink(missing_ok=True)  # from here on the folder must not look prepared
+    threads = num_proc or available_cores()
+    with SplitWriter(out_dir) as writer:
+        _tokenize_into(writer, source, val_fraction, threads)
+        writer.ensure_both_splits_have_text(dataset)
+        writer.commit()
+    seconds = time.perf_counter() - start
+
+    total_tokens = sum(writer.tokens.values())
+    meta = {
+        **settings,
+        "vocab_size": gpt2_encoding().n_vocab,
+        "eot_id": EOT_ID,
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "source_kind": source.kind,
+        "document": source.document_unit,
+        "split_rule": "val if blake2b-64(document UTF-8) / 2^64 < val_fraction; an empty side gets the document nearest the threshold",
+        "input_files": len(source.files),
+        **{f"{split}_tokens": writer.tokens[split] for split in SPLITS},
+        **{f"{split}_documents": writer.documents[split] for split in SPLITS},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(total_tokens / seconds),
+        "num_threads": threads,
+    }
+    _write_atomically(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    print(
+        f"prepared {dataset} -> {out_dir}: train {meta['train_tokens']:,} tokens ({meta['train_documents']:,} documents), "
+        f"val {meta['val_tokens']:,} tokens ({meta['val_documents']:,} documents) in {seconds:.1f} s = {meta['tokens_per_s']:,} tokens/s"
+    )
+    return meta
+
+
+def available_cores() -> int:
+    """The cores this process may use (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _is_up_to_date(out_dir: Path, settings: dict) -> bool:
+    """Same inputs and settings, and bins of the recorded sizes (a bin replaced since is not trusted)."""
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if any(meta.get(key) != value for key, value in settings.items()):
+        return False
+    itemsize = np.dtype(TOKEN_DTYPE).itemsize
+    return all(bin_path(out_dir, s).is_file() and bin_path(out_dir, s).stat().st_size == meta[f"{s}_tokens"] * itemsize for s in SPLITS)
+
+
+def _tokenize_into(writer: SplitWriter, source: Source, val_fraction: float, threads: int) -> None:
+    """Read batch i+1 while the tokenizer threads work on batch i."""
+    progress = tqdm(total=source.num_documents, unit="doc", desc="tokenizing", disable=None, dynamic_ncols=True)
+    with progress, ThreadPoolExecutor(max_workers=1) as encoder:
+        pending = None
+        for batch in _batches(source.documents()):
+            submitted = (batch, encoder.submit(encode_batch, batch, threads))
+            if pending:
+                _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress)
+            pending = submitted
+        if pending:
+            _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress)
+
+
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for text in documents:
+        if not text.strip():
+            continue  # an empty document would only add a lone end-of-text token
+        batch.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCUMENTS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _write_batch(writer: SplitWriter, texts: list[str], token_lists: list[list[int]], val_fraction: float, progress: tqdm) -> None:
+    by_split: dict[str, list[int]] = {split: [] for split in SPLITS}
+    for text, ids in zip(texts, token_lists):
+        position = split_position(text)
+        split = "val" if position < val_fraction else "train"
+        writer.note_document(split, position, start=writer.tokens[split] + len(by_split[split]), length=len(ids) + 1)
+        by_split[split] += ids
+        by_split[split].append(EOT_ID)
+    for split, ids in by_split.items():
+        writer.append(split, np.array(ids, dtype=TOKEN_DTYPE))
+    progress.update(len(texts))
+    progress.set_postfix(tokens=f"{sum(writer.tokens.values()):,}", refresh=False)
+
+
+def split_position(text: str) -> float:
+    """Where a document falls in [0, 1): a hash of its text, the same on every machine and in every run."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+@dataclass
+class _Edge:
+    """The document of a split nearest the val_fraction threshold: the one to move if the other split is empty."""
+
+    position: float
+    start: int  # in tokens, in the split's file
+    length: int
+
+
+class SplitWriter:
+    """Appends token arrays to <split>.bin under temporary names; `commit` renames them into place. Leaving the
+    `with` block without a commit (an error, Ctrl-C) removes the temporary files."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.tmp_paths = {split: bin_path(out_dir, split).with_name(f"{split}.bin.tmp-{os.getpid()}") for split in SPLITS}
+        self.files = {split: open(path, "wb") for split, path in self.tmp_paths.items()}
+        self.tokens = dict.fromkeys(SPLITS, 0)
+        self.documents = dict.fromkeys(SPLITS, 0)
+        self.edges: dict[str, _Edge | None] = dict.fromkeys(SPLITS, None)
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files.values():
+            f.close()
+        for path in self.tmp_paths.values():
+            path.unlink(missing_ok=True)  # after a commit they are already renamed
+
+    def note_document(self, split: str, position: float, start: int, length: int) -> None:
+        self.documents[split] += 1
+        edge = self.edges[split]
+        # train's edge is its lowest position (nearest val), val's edge its highest (nearest train)
+        if edge is None or (position < edge.position if split == "train" else position > edge.position):
+            self.edges[split] = _Edge(position, start, length)
+
+    def append(self, split: str, ids: np.ndarray) -> None:
+        ids.tofile(self.files[split])
+        self.tokens[split] += len(ids)
+
+    def ensure_both_splits_have_text(self, dataset: str) -> None:
+        total = sum(self.documents.values())
+        if total < 2:
+            raise UserError(
+                f"{dataset} has {total} non-empty document{'s' * (total != 1)}: a train/val split needs at least 2 "
+                "(in .txt files, documents are separated by blank lines)"
+            )
+        for empty, full in (("val", "train"), ("train", "val")):
+            if self.documents[empty] == 0:
+                self._move_document(self.edges[full], full, empty)
+
+    def _move_document(self, edge: _Edge, source: str, target: str) -> None:
+        """Cut one document out of `source`'s file (rewriting it) and append it to `target`'s. Only happens
+        when `target` got no document at all, i.e. for small datasets."""
+        self.files[source].close()
+        old = np.memmap(self.tmp_paths[source], dtype=TOKEN_DTYPE, mode="r")
+        self.append(target, np.array(old[edge.start : edge.start + edge.length]))
+        rewritten = self.tmp_paths[source].with_name(self.tmp_paths[source].name + "-rewrite")
+        with open(rewritten, "wb") as out:
+            for begin, end in ((0, edge.start), (edge.start + edge.length, len(old))):
+                for chunk in range(begin, end, COPY_CHUNK_TOKENS):
+                    np.asarray(old[chunk : min(chunk + COPY_CHUNK_TOKENS, end)]).tofile(out)
+        del old
+        os.replace(rewritten, self.tmp_paths[source])
+        self.files[source] = open(self.tmp_paths[source], "ab")
+        self.tokens[source] -= edge.length
+        self.documents[source] -= 1
+        self.documents[target] += 1
+
+    def commit(self) -> None:
+        for split in SPLITS:
+            self.files[split].flush()
+            os.fsync(self.files[split].fileno())
+            self.files[split].close()
+            os.replace(self.tmp_paths[split], bin_path(self.out_dir, split))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,195 @@
+"""DeepSpeed ZeRO (stages 0-3, optional CPU offload) behind the same interface as the others.
+
+The ds_config JSON says how to shard; dist_gpt's config says what to train. Values written "auto" in the JSON
+are filled from our config (as Hugging Face's integration does), and a value that is written out must agree
+with ours: two sources of truth for the batch size or the clipping would silently train something else.
+
+DeepSpeed gets our own torch AdamW (from make_optimizer) and no scheduler: the trainer sets the learning rate
+each step through set_lr, which writes the param groups that the ZeRO optimizers step with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dist_gpt.config import Config
+from dist_gpt.distributed import DistEnv
+from dist_gpt.errors import UserError
+from dist_gpt.parallel.base import OptimizerFactory, Strategy, ensure_process_group
+
+# ZeRO 1-3 call deprecated torch.distributed collectives hundreds of times per run; the warnings are DeepSpeed's
+# business, not the user's. Filtered here (this module is imported only for the deepspeed strategy).
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed.*")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"deepspeed(\.|$)")
+
+# Keys whose meaning we own: "optimizer" and "scheduler" would replace our AdamW and our cosine schedule.
+FORBIDDEN_SECTIONS = {
+    "optimizer": "dist_gpt builds its own AdamW from train.lr/beta1/beta2/weight_decay",
+    "scheduler": "the trainer sets the learning rate every step (train.lr, min_lr, warmup_steps)",
+}
+
+
+def load_ds_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist: give one of ds_configs/zero{{0,1,2,3}}.json or zero3-offload.json")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"DeepSpeed config {path} must be a JSON object")
+    return raw
+
+
+def resolve_ds_config(raw: dict, config: Config, env: DistEnv, micro_batch_size: int, grad_accum_steps: int, source: str = "ds_config") -> dict:
+    """Fill the "auto" values from our config; raise one UserError naming both values on any contradiction."""
+    ds = copy.deepcopy(raw)
+    world = env.world_size
+    bf16 = env.compute_dtype == torch.bfloat16
+
+    def fill(section: dict, key: str, ours, our_name: str, where: str = "") -> None:
+        """section[key] = ours when absent or "auto"; else it must equal ours."""
+        value = section.get(key, "auto")
+        if value == "auto":
+            section[key] = ours
+        elif value != ours:
+            raise UserError(
+                f"{source} sets {where}{key}={json.dumps(value)} but dist_gpt's config gives {our_name}={json.dumps(ours)}: "
+                f'set "{where}{key}": "auto" in {source} (or change the config to match)'
+            )
+
+    for key, why in FORBIDDEN_SECTIONS.items():
+        if key in ds:
+            raise UserError(f'{source} has an "{key}" section, but {why}: remove it from {source}')
+    fp16 = ds.get("fp16", {})
+    if fp16.get("enabled", False) not in (False, "auto"):
+        raise UserError(f'{source} enables fp16, which dist_gpt does not train in (bf16 or fp32, from train.dtype): set "fp16": {{"enabled": false}} or remove the section')
+    if fp16:
+        ds["fp16"] = {**fp16, "enabled": False}
+    # Absent counts as "auto": our dtype decides, so a bf16 run never silently trains in fp32.
+    bf16_key = "bfloat16" if "bfloat16" in ds else "bf16"
+    dtype_name = f"bf16 (train.dtype={config.train.dtype} on {env.device.type})"
+    fill(ds.setdefault(bf16_key, {}), "enabled", bf16, dtype_name, where=f"{bf16_key}.")
+
+    fill(ds, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size")
+    fill(ds, "gradient_accumulation_steps", grad_accum_steps, f"grad-accum (train.global_batch_size / (micro-batch {micro_batch_size} x world {world}))")
+    fill(ds, "train_batch_size", micro_batch_size * grad_accum_steps * world, "train.global_batch_size")
+    fill(ds, "gradient_clipping", float(config.train.grad_clip), "train.grad_clip")
+
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    hidden = config.model.n_embd
+    # Hugging Face's rule of thumb for the bucket sizes, scaled to the model's width.
+    for key, value in {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # We always hand DeepSpeed a torch optimizer; DeepSpeed refuses that with offload unless told it's fine.
+        if ds.get("zero_force_ds_cpu_optimizer", False):
+            raise UserError(f'{source} sets "zero_force_ds_cpu_optimizer": true, but dist_gpt passes its own torch AdamW: set it to false')
+        ds["zero_force_ds_cpu_optimizer"] = False
+    ds.setdefault("steps_per_print", 1 << 30)  # the trainer logs; DeepSpeed's own progress lines are noise
+    ds.setdefault("wall_clock_breakdown", False)
+
+    leftover = _auto_keys(ds)
+    if leftover:
+        raise UserError(f'{source} leaves {leftover[0]} = "auto", which dist_gpt does not know how to fill: give it a value')
+    return ds
+
+
+def _auto_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _auto_keys(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def __init__(self, config: Config, env: DistEnv):
+        super().__init__(config, env)
+        self.engine = None  # the DeepSpeedEngine (the checkpointer uses engine.save_checkpoint / load_checkpoint)
+        self.ds_config: dict | None = None
+
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) drown the log
+        if self.micro_batch_size is None:
+            raise RuntimeError("DeepSpeedStrategy.configure_batch(micro_batch_size, grad_accum_steps) must be called before wrap")
+        self.ds_config = resolve_ds_config(
+            load_ds_config(self.config.parallel.ds_config), self.config, self.env, self.micro_batch_size, self.grad_accum_steps, source=self.config.parallel.ds_config
+        )
+        ensure_process_group(self.env, self.config.parallel.backend)  # DeepSpeed joins the group we made
+        model = self.prepare_model(model, to_device=False)  # the engine moves (or partitions) it itself
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=self.ds_config)
+        self.engine = self.model = engine
+        self.optimizer = optimizer  # a ZeRO wrapper around our AdamW; param_groups are the AdamW's (set_lr)
+        self.unwrapped_model = engine.module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # with bf16 enabled the engine casts the parameters itself
+
+    def forward_backward(self, x, y, loss_scale, sync_grads):
+        # Our boundary, not DeepSpeed's micro-step counter, decides when gradients are reduced and applied.
+        self.engine.set_gradient_accumulation_boundary(sync_grads)
+        loss = self.engine(x, y)
+        # loss_scale is already 1/grad-accum: scale_wrt_gas=False stops DeepSpeed dividing by it a second time.
+        self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
+        if not sync_grads:
+            self.engine.step()  # a micro-step: DeepSpeed counts it and applies nothing
+        return loss.detach()
+
+    def clip_and_step(self, max_norm: float) -> float:
+        # Clipping happens inside the engine's step (ds_config gradient_clipping = train.grad_clip).
+        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+            norm = self._stage0_grad_norm()  # the plain-torch path computes the norm but does not keep it
+            self.engine.step()
+            return norm
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _stage0_grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def save_checkpoint(self, path: Path, async_save: bool = False) -> None:
+        """DeepSpeed's own format (ZeRO shards its optimizer state in flat partitions DCP cannot describe):
+        engine.save_checkpoint(dir, tag) writes into dir/tag, so the files land directly in `path`.
+        Always synchronous. The files are per-rank and tied to this world size (ZeRO partitions)."""
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        return None
+
+    def load_checkpoint(self, path: Path, manifest: dict) -> None:
+        saved_by, saved_world = manifest.get("strategy"), manifest.get("world_size")
+        if saved_by != self.name:
+            raise UserError(f"{path} was saved by strategy {saved_by}; a deepspeed run can only resume DeepSpeed checkpoints: resume it with parallel.strategy={saved_by}")
+        if saved_world != self.env.world_size:
+            raise UserError(
+                f"{path} was saved by {saved_world} DeepSpeed ranks, this run has {self.env.world_size}: ZeRO checkpoints are tied to the "
+                f"world size; resume with {saved_world} processes"
+            )
+        # Our learning rate comes from the schedule (set_lr every step); DeepSpeed has no scheduler to restore.
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load a checkpoint from {path}")

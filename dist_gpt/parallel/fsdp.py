@@ -1,0 +1,65 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks as DTensors.
+
+One FSDP unit per transformer block, then the root (embedding, tied lm_head, final norm). A unit's parameters
+are all-gathered just before its forward and (with reshard_after_forward) freed right after, and again for
+its backward; gradients are reduce-scattered so each rank keeps only its shard, and the optimizer steps on
+shards. reshard_after_forward=True is ZeRO-3-like (least memory); False keeps the gathered parameters from
+forward to backward, ZeRO-2-like (one all-gather fewer per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from dist_gpt.errors import UserError
+from dist_gpt.parallel.base import ensure_process_group, transformer_blocks
+from dist_gpt.parallel.single import SingleDevice
+
+
+class FSDPStrategy(SingleDevice):
+    name = "fsdp"
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        world = self.env.world_size
+        vocab = model.config.vocab_size
+        if vocab % world:
+            # FSDP2 shards dim 0. Uneven embedding shards gave wrong losses after a resume in torchtitan #1136.
+            raise UserError(
+                f"model.vocab_size={vocab} is not divisible by the world size {world}: FSDP shards the embedding's "
+                f"rows evenly; use the padded vocabulary (model.vocab_size=50304, a multiple of 64) or a world size dividing {vocab}"
+            )
+        ensure_process_group(self.env, self.config.parallel.backend)
+        if world == 1 and self.env.is_main:
+            print("fsdp on a world of 1 process: parameters are not sharded (each shard is the whole tensor); launch with torchrun --nproc_per_node=N to shard", flush=True)
+        p = self.config.parallel
+        kwargs = dict(
+            mesh=init_device_mesh(self.env.device.type, (world,)),
+            reshard_after_forward=p.fsdp_reshard_after_forward,
+            mp_policy=self.mixed_precision(),
+            offload_policy=CPUOffloadPolicy() if p.fsdp_cpu_offload else OffloadPolicy(),
+        )
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        # The root unit holds what no block owns: wte (= lm_head.weight, tied: one parameter, sharded once), ln_f.
+        fully_shard(model, **kwargs)
+        return model
+
+    def mixed_precision(self) -> MixedPrecisionPolicy:
+        """bf16 compute: parameters gathered in bf16 (half the all-gather bytes), gradients reduced in fp32 and
+        the sharded master weights kept in fp32."""
+        if self.env.compute_dtype == torch.bfloat16:
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # FSDP's MixedPrecisionPolicy does the casting
+
+    def forward_backward(self, x, y, loss_scale, sync_grads):
+        # Without sync, gradients accumulate unsharded on each rank; the last micro-batch reduce-scatters them.
+        self.model.set_requires_gradient_sync(sync_grads)
+        return super().forward_backward(x, y, loss_scale, sync_grads)

@@ -1,0 +1,194 @@
+"""The chunked linear + cross-entropy against the plain full-logits reference, and the malloc helpers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dist_gpt.fused_loss import linear_cross_entropy, plain_linear_cross_entropy
+from dist_gpt.model import GPT, GPTConfig
+from dist_gpt.runtime import keep_freed_memory, malloc_env, page_faults
+
+V, TARGET_VOCAB = 97, 90  # a padded vocabulary in miniature: rows 90..96 exist but are never targets
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative error of the whole tensor: elementwise bounds mean little for bf16, where single entries
+    that nearly cancel can be off by 100% while the tensor is right to 2^-8."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def make_inputs(N, C, ignored_every=0, seed=0, ignore_index=-1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g, requires_grad=True)
+    weight = (torch.randn(V, C, generator=g) * 0.5).requires_grad_()
+    targets = torch.randint(0, TARGET_VOCAB, (N,), generator=g)
+    if ignored_every:
+        targets[::ignored_every] = ignore_index
+    return hidden, weight, targets
+
+
+def loss_and_grads(fn, hidden, weight, targets, **kw):
+    loss = fn(hidden, weight, targets, **kw)
+    return (loss, *torch.autograd.grad(loss, (hidden, weight)))
+
+
+@pytest.mark.parametrize(
+    "N, C, chunk, ignored_every",
+    [
+        (64, 16, 16, 0),  # chunk divides N
+        (37, 16, 8, 0),  # odd N, last chunk short
+        (37, 16, 100, 0),  # one chunk larger than N
+        (65, 8, 16, 3),  # ignored targets spread over several chunks
+        (1, 8, 4, 0),  # a single token
+        (50, 24, 1, 7),  # one token per chunk
+    ],
+)
+def test_matches_plain_fp32(N, C, chunk, ignored_every):
+    hidden, weight, targets = make_inputs(N, C, ignored_every)
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_tokens=chunk)
+    want = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **FP32)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    # padding rows get their softmax gradient although they are never a target
+    assert got[2][TARGET_VOCAB:].abs().sum() > 0
+
+
+def test_ignored_tokens_get_zero_gradient_and_custom_ignore_index():
+    hidden, weight, targets = make_inputs(40, 8, ignored_every=4, ignore_index=-100)
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_tokens=9, ignore_index=-100)
+    want = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets, ignore_index=-100)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **FP32)
+    assert torch.all(got[1][::4] == 0)
+
+
+def test_all_targets_ignored_matches_cross_entropy():
+    """Like F.cross_entropy: the mean over no tokens is nan (0/0) and every gradient is zero."""
+    hidden, weight, _ = make_inputs(10, 8)
+    targets = torch.full((10,), -1)
+    loss, gh, gw = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_tokens=4)
+    ref, rh, rw = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    assert math.isnan(loss.item()) and math.isnan(ref.item())
+    assert torch.equal(gh, rh) and torch.equal(gw, rw) and not gh.any() and not gw.any()
+
+
+@pytest.mark.parametrize("hidden_grad, weight_grad", [(True, False), (False, True)])
+def test_only_some_inputs_need_grad(hidden_grad, weight_grad):
+    hidden, weight, targets = make_inputs(33, 8)
+    hidden.requires_grad_(hidden_grad)
+    weight.requires_grad_(weight_grad)
+    wrt = hidden if hidden_grad else weight
+    got = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets, chunk_tokens=10), wrt)[0]
+    want = torch.autograd.grad(plain_linear_cross_entropy(hidden, weight, targets), wrt)[0]
+    torch.testing.assert_close(got, want, **FP32)
+
+
+def test_without_autograd_only_the_loss():
+    hidden, weight, targets = make_inputs(33, 8)
+    want = plain_linear_cross_entropy(hidden, weight, targets)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, targets, chunk_tokens=10)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want.detach(), **FP32)
+    got = linear_cross_entropy(hidden.detach(), weight.detach(), targets, chunk_tokens=10)
+    assert not got.requires_grad
+
+
+def test_upstream_gradient_scales_and_backward_can_repeat():
+    """grad_output is not always 1 (gradient accumulation divides the loss); retain_graph must work."""
+    hidden, weight, targets = make_inputs(30, 8)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens=7) * 0.25
+    loss.backward(retain_graph=True)
+    loss.backward()
+    want = torch.autograd.grad(plain_linear_cross_entropy(hidden, weight, targets) * 0.5, (hidden, weight))
+    torch.testing.assert_close(hidden.grad, want[0], **FP32)
+    torch.testing.assert_close(weight.grad, want[1], **FP32)
+
+
+def test_never_materialises_full_logits():
+    """No tensor of N x V elements is created in forward or backward: the peak is one chunk of logits."""
+    N, C, chunk = 64, 16, 8
+    hidden, weight, targets = make_inputs(N, C)
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    with LargestOutput() as mode:
+        linear_cross_entropy(hidden, weight, targets, chunk_tokens=chunk).backward()
+    assert mode.largest <= max(chunk * V, V * C, N * C) < N * V
+
+
+def test_bf16_autocast_close_to_fp32_and_to_plain_autocast():
+    hidden, weight, targets = make_inputs(67, 32, ignored_every=5)
+    ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_tokens=16)
+        plain = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    # gradients come back in the dtype of the (fp32) inputs, as autograd's cast would give them
+    assert [t.dtype for t in got] == [torch.float32] * 3
+    # bf16 matmuls: both paths are ~2^-8 off fp32, and no further from each other
+    for g, p, r in zip(got, plain, ref):
+        assert rel_error(g, r) < 1e-2 and rel_error(g, p) < 1e-2
+
+
+def test_bf16_inputs_get_bf16_gradients():
+    hidden, weight, targets = make_inputs(40, 16)
+    ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    hidden16 = hidden.detach().bfloat16().requires_grad_()
+    weight16 = weight.detach().bfloat16().requires_grad_()
+    got = loss_and_grads(linear_cross_entropy, hidden16, weight16, targets, chunk_tokens=16)
+    assert [t.dtype for t in got] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    for g, r in zip(got, ref):
+        assert rel_error(g, r) < 1e-2
+
+
+def train_losses(loss: str, steps: int = 10) -> list[float]:
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128, tokenizer_vocab_size=120, loss=loss, loss_chunk_tokens=7)
+    model = GPT(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 120, (4, 17), generator=torch.Generator().manual_seed(1))
+    targets = idx[:, 1:].clone()
+    targets[:, :3] = -1  # e.g. the start of a document: not counted
+    losses = []
+    for _ in range(steps):  # the same batch every step: the loss must fall
+        loss_value = model(idx[:, :-1], targets)
+        loss_value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_value.item())
+    return losses
+
+
+def test_training_chunked_matches_plain():
+    chunked, plain = train_losses("chunked"), train_losses("plain")
+    assert chunked[-1] < chunked[0]  # it learns
+    for c, p in zip(chunked, plain):
+        assert abs(c - p) <= 1e-5 * abs(p)
+
+
+def test_keep_freed_memory_returns_bool(monkeypatch):
+    assert isinstance(keep_freed_memory(), bool)
+    monkeypatch.setenv("DIST_GPT_MALLOC", "default")
+    assert keep_freed_memory() is False
+
+
+def test_malloc_env_and_page_faults():
+    env = malloc_env({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    assert env["GLIBC_TUNABLES"].startswith("glibc.pthread.rseq=0:") and "glibc.malloc.mmap_max=0" in env["GLIBC_TUNABLES"]
+    assert malloc_env(env) == env  # idempotent
+    before = page_faults()
+    torch.ones(1 << 20).add_(1)
+    assert page_faults() >= before > 0
