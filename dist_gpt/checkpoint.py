@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ FORMAT = "dist_gpt-checkpoint/1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 # What a checkpoint's model must agree on with the run loading it (other fields, e.g. dropout, may change).
+# DCP warns on every single-process save/load that it assumes a single process, which is what we mean.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "position", "bias")
 
 

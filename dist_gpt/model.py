@@ -7,6 +7,7 @@ The model knows nothing about DDP, FSDP or DeepSpeed: they wrap it from the outs
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -292,39 +293,41 @@ class GPT(nn.Module):
     def attention_backend(self) -> str:
         """Which SDPA kernel really runs for this model's attention on its device and dtype.
 
-        Runs one attention call under the profiler and reads the ATen kernel's name, so the answer comes
-        from what executed, not from what was asked for."""
-        from torch.profiler import ProfilerActivity, profile
+        Runs one attention call under a dispatch mode that records the ATen ops it reaches, so the answer
+        comes from what executed, not from what was asked for."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class RecordOps(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops: list[str] = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
 
         attn = self.h[0].attn
-        param = attn.c_attn.weight
-        device = param.device
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.is_autocast_enabled("cuda") else param.dtype
-        if device.type == "cuda" and dtype == torch.float32 and torch.cuda.is_bf16_supported():
-            dtype = torch.bfloat16  # what training runs in on GPU (autocast)
-        hd, nh = self.config.head_dim, self.config.n_head
-        q = torch.randn(1, nh, min(64, self.config.block_size), hd, device=device, dtype=dtype)
+        device = attn.c_attn.weight.device
+        # what training computes in: bf16 under autocast on GPU, the parameters' dtype elsewhere
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else attn.c_attn.weight.dtype
+        q = torch.randn(1, self.config.n_head, min(64, self.config.block_size), self.config.head_dim, device=device, dtype=dtype)
+        context = sdpa_kernel(attn.backends) if attn.backends is not None else contextlib.nullcontext()
         try:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                if attn.backends is None:
-                    F.scaled_dot_product_attention(q, q, q, is_causal=True)
-                else:
-                    with sdpa_kernel(attn.backends):
-                        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            with context, RecordOps() as recorder:
+                F.scaled_dot_product_attention(q, q, q, is_causal=True)
         except RuntimeError as e:
             return f"none: {self.config.attn_backend!r} cannot run on {device.type} ({str(e).splitlines()[0]})"
-        names = {evt.name for evt in prof.events()}
         for kernel, label in KERNEL_LABELS:
-            if kernel in names:
+            if kernel in recorder.ops:
                 return label
-        return "unknown"
+        return "math (unfused matmul + softmax)"
 
 
-# ATen op name -> what to tell the user. Order matters: the CPU flash op's name contains the CUDA one's.
+# ATen op -> what to tell the user. The math backend is decomposed into plain ops (no fused kernel seen).
 KERNEL_LABELS = [
-    ("aten::_scaled_dot_product_flash_attention_for_cpu", "cpu-flash (PyTorch's CPU kernel, not CUDA flash)"),
-    ("aten::_scaled_dot_product_flash_attention", "flash"),
-    ("aten::_scaled_dot_product_cudnn_attention", "cudnn"),
-    ("aten::_scaled_dot_product_efficient_attention", "efficient"),
-    ("aten::_scaled_dot_product_attention_math", "math"),
+    ("aten._scaled_dot_product_flash_attention_for_cpu", "cpu-flash (PyTorch's CPU kernel, not CUDA flash)"),
+    ("aten._scaled_dot_product_flash_attention", "flash"),
+    ("aten._scaled_dot_product_cudnn_attention", "cudnn"),
+    ("aten._scaled_dot_product_efficient_attention", "efficient"),
+    ("aten._scaled_dot_product_attention_math", "math"),
 ]

@@ -173,7 +173,7 @@ def test_attention_backend_on_cpu_names_cpu():
 
 
 def test_forced_math_backend_is_reported():
-    assert tiny_model(attn_backend="math").attention_backend() == "math"
+    assert tiny_model(attn_backend="math").attention_backend().startswith("math")
 
 
 @pytest.mark.parametrize("backend", ["efficient", "cudnn"])

@@ -99,16 +99,17 @@ class Strategy(ABC):
         torch.distributed.checkpoint (DCP). With async_save the state is staged to CPU memory and written by a
         background thread: the returned future completes when the files are on disk."""
         state = self._tensor_state()
+        no_dist = not dist.is_initialized()  # one process without a group: DCP then needs no collectives
         if async_save:
-            return dcp.async_save(state, checkpoint_id=str(path))
-        dcp.save(state, checkpoint_id=str(path))
+            return dcp.async_save(state, checkpoint_id=str(path), no_dist=no_dist)
+        dcp.save(state, checkpoint_id=str(path), no_dist=no_dist)
         return None
 
     def load_checkpoint(self, path: Path, manifest: dict) -> None:
         """Load what save_checkpoint wrote, resharding to this run's world size and strategy when they differ
         (DCP reads each tensor's shards into whatever layout this run's model has)."""
         state = self._tensor_state()
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         optim_state["state"] = state["optimizer_state"]
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
