@@ -221,6 +221,11 @@ def _coerce(key: str, value, hint):
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+            except ValueError:
+                pass
         if isinstance(value, kind):
             return value
     raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")

@@ -96,9 +96,11 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
     safe_targets = targets.masked_fill(~valid, 0).long()  # any in-range id; those rows are masked out
 
     rows = min(chunk_tokens, N)
-    # One fp32 (rows, V) buffer serves every chunk: logits, then softmax, then dL/dlogits, in place.
+    # One fp32 (rows, V) buffer serves every chunk, all updates in place: the chunk x V passes over it are
+    # what this loss costs beyond its three matmuls (memory-bound on CPU and GPU alike), so there are as few
+    # as stock ops allow: amax, sub, exp, sum (+ the two dtype conversions when computing in bf16).
     z_buf = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
-    # For bf16/fp16 compute the matmuls need a low-precision twin of it (logits in, dL/dlogits out).
+    # For bf16 compute the matmuls need a low-precision twin of it (logits out of one, dL/dlogits into the next).
     low_buf = torch.empty(rows, V, dtype=compute_dtype, device=hidden.device) if compute_dtype != torch.float32 else None
     row_ids = torch.arange(rows, device=hidden.device)
 
@@ -109,7 +111,7 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
     for start in range(0, N, chunk_tokens):
         end = min(start + chunk_tokens, N)
         n = end - start
-        h_c, t_c, valid_c = h[start:end], safe_targets[start:end], valid[start:end]
+        h_c, t_c, valid_c = h[start:end], safe_targets[start:end].unsqueeze(1), valid[start:end]
         z = z_buf[:n]
         if low_buf is None:
             torch.mm(h_c, w.t(), out=z)
@@ -117,23 +119,39 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
             torch.mm(h_c, w.t(), out=low_buf[:n])
             z.copy_(low_buf[:n])
 
-        lse = torch.logsumexp(z, dim=1)
-        token_loss = lse - z.gather(1, t_c.unsqueeze(1)).squeeze(1)
-        loss_sum += torch.where(valid_c, token_loss, 0.0).sum()
+        # Stable log-sum-exp by hand (torch.logsumexp would allocate a chunk x V temporary and exp twice):
+        # z <- exp(z - max), the row sums s, and loss = log s - (z_target - max).
+        z.sub_(z.amax(dim=1, keepdim=True))
+        target_logit = z.gather(1, t_c).squeeze(1)
+        z.exp_()
+        sums = z.sum(dim=1, keepdim=True)
+        loss_sum += torch.where(valid_c, sums.squeeze(1).log() - target_logit, 0.0).sum()
         if not need_grad:
             continue
 
-        z.sub_(lse.unsqueeze(1)).exp_()  # softmax
-        z[row_ids[:n], t_c] -= 1.0  # - onehot
-        z.mul_(token_scale[start:end].unsqueeze(1))  # / n_valid, and 0 for ignored tokens
-        dz = z if low_buf is None else low_buf[:n].copy_(z)
+        # dL/dlogits = diag(row_scale) G, with G = exp(z - max) - s * onehot (one tiny scatter into z) and
+        # row_scale = token_scale / s, one factor per token.
+        z[row_ids[:n], t_c.squeeze(1)] -= sums.squeeze(1)
+        row_scale = token_scale[start:end].unsqueeze(1) / sums
+        if low_buf is None:
+            # fp32: apply row_scale on the (chunk, C) side of each matmul rather than in another pass over the
+            # chunk x V logits: (diag(r) G) W = diag(r) (G W) and (diag(r) G)^T h = G^T (diag(r) h).
+            # G's entries lie in [-V, 1], well inside fp32's range.
+            dz, side_scale = z, row_scale
+        else:
+            # bf16: the low-precision copy is a pass anyway; scaling inside it rounds dL/dlogits once, as the
+            # plain path's cast does.
+            dz, side_scale = torch.mul(z, row_scale, out=low_buf[:n]), None
 
         if need_grad_hidden:
             torch.mm(dz, w, out=grad_hidden[start:end])
+            if side_scale is not None:
+                grad_hidden[start:end].mul_(side_scale)
         if need_grad_weight:
+            h_side = h_c if side_scale is None else h_c * side_scale
             if low_buf is None:
-                grad_weight.addmm_(dz.t(), h_c)  # in place, no (V, C) temporary
+                grad_weight.addmm_(dz.t(), h_side)  # in place, no (V, C) temporary
             else:
-                grad_weight += torch.mm(dz.t(), h_c)  # addmm_ cannot mix dtypes; the running sum stays fp32
+                grad_weight += torch.mm(dz.t(), h_side)  # addmm_ cannot mix dtypes; the running sum stays fp32
 
     return loss_sum / n_valid, grad_hidden, grad_weight

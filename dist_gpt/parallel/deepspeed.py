@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from dist_gpt.parallel.base import OptimizerFactory, Strategy, ensure_process_gr
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed.*")
 warnings.filterwarnings("ignore", category=UserWarning, module=r"deepspeed(\.|$)")
+
+SKIP_SHM_BUILD_ENV = "DIST_GPT_DS_SKIP_SHM_BUILD"  # =1: on CPU, use gloo instead of building DeepSpeed's shm comm op
 
 # Keys whose meaning we own: "optimizer" and "scheduler" would replace our AdamW and our cosine schedule.
 FORBIDDEN_SECTIONS = {
@@ -134,6 +137,15 @@ class DeepSpeedStrategy(Strategy):
             load_ds_config(self.config.parallel.ds_config), self.config, self.env, self.micro_batch_size, self.grad_accum_steps, source=self.config.parallel.ds_config
         )
         ensure_process_group(self.env, self.config.parallel.backend)  # DeepSpeed joins the group we made
+        # DeepSpeed insists on these even when the group exists (a plain `python launch/train.py --ds_config`).
+        for key, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank), ("WORLD_SIZE", self.env.world_size)):
+            os.environ.setdefault(key, str(value))
+        if self.env.device.type == "cpu" and os.environ.get(SKIP_SHM_BUILD_ENV) == "1":
+            # DeepSpeed compiles a shared-memory all-reduce op with g++ on first use on CPU (~1 min on 2 cores,
+            # cached per machine). Plain gloo does the same job; the tests skip the build this way.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         model = self.prepare_model(model, to_device=False)  # the engine moves (or partitions) it itself
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=self.ds_config)
         self.engine = self.model = engine
@@ -155,17 +167,16 @@ class DeepSpeedStrategy(Strategy):
 
     def clip_and_step(self, max_norm: float) -> float:
         # Clipping happens inside the engine's step (ds_config gradient_clipping = train.grad_clip).
-        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
-            norm = self._stage0_grad_norm()  # the plain-torch path computes the norm but does not keep it
+        if not hasattr(self.engine.optimizer, "_global_grad_norm"):
+            # Stage 0 in fp32 steps our AdamW directly: it clips but keeps no norm. Its gradients are whole and
+            # already averaged over ranks, so measure them before the step.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads))
             self.engine.step()
             return norm
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm()  # the ZeRO optimizers' pre-clipping norm
         return float(norm) if norm is not None else float("nan")
-
-    def _stage0_grad_norm(self) -> float:
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -1,0 +1,87 @@
+"""Configuration: presets load, overrides apply, and every user mistake is one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_python
+from dist_gpt.config import check_runtime, load_config, preset_names
+from dist_gpt.errors import UserError
+
+
+def test_every_preset_loads():
+    assert {"bible-tiny", "bible-seed", "gpt2-124m-owt", "gpt2-finetune-bible"} <= set(preset_names())
+    for name in preset_names():
+        assert load_config(name).name == name
+
+
+def test_preset_shapes_are_the_seeds():
+    seed = load_config("bible-seed").model
+    assert (seed.n_layer, seed.n_head, seed.n_embd, seed.block_size) == (2, 2, 384, 256)
+    owt = load_config("gpt2-124m-owt")
+    assert (owt.model.n_layer, owt.model.n_embd, owt.train.micro_batch_size, owt.train.global_batch_size) == (12, 768, 12, 480)
+    assert check_runtime(owt, world_size=1, device_type="cuda", micro_batch_size=12) == 40  # the seed's grad-accum 40
+    assert (owt.train.lr, owt.train.min_lr) == (6e-4, 6e-5)
+    finetune = load_config("gpt2-finetune-bible").model
+    assert (finetune.init_from, finetune.position) == ("gpt2", "rope")
+
+
+def test_dotted_overrides_are_typed():
+    c = load_config("bible-tiny", ["train.max_steps=200", "model.position=learned", "train.lr=1e-3", "train.compile=true"])
+    assert (c.train.max_steps, c.model.position, c.train.lr, c.train.compile) == (200, "learned", 1e-3, True)
+    assert load_config("bible-tiny", ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
+
+
+def test_a_yaml_path_loads(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  preset: seed\ntrain:\n  max_steps: 7\n")
+    c = load_config(str(path))
+    assert (c.name, c.model.n_embd, c.train.max_steps) == ("mine", 384, 7)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_stepz=3"], "unknown key train.max_stepz"),
+        (["trian.max_steps=3"], "unknown config section 'trian'"),
+        (["train.max_steps=many"], "train.max_steps must be an integer"),
+        (["train.lr=true"], "train.lr must be a number"),
+        (["model.n_embd=100", "model.n_head=3"], "not divisible by n_head=3"),
+        (["model.position=absolute"], "model.position='absolute' is not one of rope, learned"),
+        (["train.max_steps=0"], "train.max_steps=0 must be at least 1"),
+        (["train.micro_batch_size=big"], "must be a positive integer or 'auto'"),
+        (["train.min_lr=1", "train.lr=0.1"], "min_lr <= train.lr"),
+        (["parallel.strategy=deepspeed"], "needs a DeepSpeed config"),
+        (["maxsteps"], "not of the form section.key=value"),
+        (["model.preset=gpt5"], "model.preset='gpt5' is unknown"),
+    ],
+)
+def test_config_errors_are_one_clear_line(overrides, message):
+    with pytest.raises(UserError) as excinfo:
+        load_config("bible-tiny", overrides)
+    assert message in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(UserError, match="bible-tiny"):
+        load_config("bible-huge")
+
+
+def test_global_batch_must_divide():
+    config = load_config("bible-tiny", ["train.global_batch_size=10"])
+    with pytest.raises(UserError, match=r"not divisible by micro_batch_size x world size = 4 x 2 = 8"):
+        check_runtime(config, world_size=2, device_type="cpu", micro_batch_size=4)
+    assert check_runtime(load_config("bible-tiny", ["train.global_batch_size=32"]), 2, "cpu", 4) == 4
+
+
+def test_cuda_only_attention_on_cpu_is_refused():
+    config = load_config("bible-tiny", ["model.attn_backend=efficient"])
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        check_runtime(config, 1, "cpu", 4)
+
+
+def test_launcher_reports_config_errors_without_traceback():
+    proc = run_python(["launch/train.py", "--config", "bible-tiny", "train.max_steps=-1"], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: train.max_steps=-1 must be at least 1"
