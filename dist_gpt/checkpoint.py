@@ -68,6 +68,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 def read_manifest(ckpt_dir: Path) -> dict:
     manifest_path = ckpt_dir / MANIFEST
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint {ckpt_dir} does not exist (renamed or deleted?); resume from another step_* directory")
     if not manifest_path.is_file():
         raise UserError(f"checkpoint {ckpt_dir} has no {MANIFEST}: it was never completed; resume from another step_* directory")
     try:
@@ -101,7 +103,8 @@ def file_crc32(path: Path) -> int:
 
 def check_model_shape(ckpt_dir: Path, manifest: dict, config: Config) -> None:
     saved = manifest["config"]["model"]
-    diffs = [f"{k}={saved.get(k)!r} (this run: {getattr(config.model, k)!r})" for k in SHAPE_FIELDS if saved.get(k) != getattr(config.model, k)]
+    fields = SHAPE_FIELDS + (("block_size",) if config.model.position == "learned" else ())  # the wpe table's rows
+    diffs = [f"{k}={saved.get(k)!r} (this run: {getattr(config.model, k)!r})" for k in fields if saved.get(k) != getattr(config.model, k)]
     if diffs:
         raise UserError(f"checkpoint {ckpt_dir} is of another model: {', '.join(diffs)}; use a matching config, or a new train.run_name / checkpoint.resume=never")
 
@@ -172,6 +175,8 @@ class Checkpointer:
         self.root = config.run_dir / "checkpoints"
         self.last_save_time = time.monotonic()
         self.pending: tuple | None = None  # an async save in flight: (future, step, tmp_dir, final_dir, parts)
+        self.last_saved_step: int | None = None  # by this process
+        self.rng_restored = False  # set by load(): this rank's RNG continues the saved stream
         self.stop = StopRequest()
 
     # ---------------------------------------------------------------- resume
@@ -208,6 +213,7 @@ class Checkpointer:
         rng_file = ckpt_dir / f"rng_rank{self.env.rank}.pt"
         if rng_file.is_file():  # absent when this run has more ranks than the one that saved: those reseed
             set_rng_state(torch.load(rng_file, weights_only=True), self.env.device)
+            self.rng_restored = True
 
     # ---------------------------------------------------------------- save
 
@@ -221,13 +227,14 @@ class Checkpointer:
         """Save the current state as step `step`. With checkpoint.async_save the files are written in the
         background and published at the next save, poll or finish."""
         self.wait()  # one save in flight at most; also publishes the previous one
-        final_dir = self.root / step_dir_name(step)
-        if final_dir.exists():
+        if step == self.last_saved_step:
             return  # already saved at this step (e.g. the end of the run after a periodic save)
+        self.last_saved_step = step
+        final_dir = self.root / step_dir_name(step)
         tmp_dir = self.root / (final_dir.name + ".tmp")
         if self.env.is_main:
-            if tmp_dir.exists():
-                shutil.rmtree(tmp_dir)  # left by a crash mid-save: never published, safe to remove
+            for stale in self.root.glob("step_*.tmp"):
+                shutil.rmtree(stale)  # left by a crash mid-save (any step): never published, safe to remove
             tmp_dir.mkdir(parents=True)
         self._barrier()
         torch.save(rng_state(self.env.device), tmp_dir / f"rng_rank{self.env.rank}.pt")
@@ -271,8 +278,14 @@ class Checkpointer:
                 "files": files,
             }
             write_atomically(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
+            replaced = final_dir.with_name(final_dir.name + ".old.tmp")
+            if final_dir.exists():
+                # An earlier process's (killed between its rename and `latest`, or a later step of a run resumed
+                # from an older checkpoint): this state replaces it. Skipping the save would leave `latest` behind.
+                os.replace(final_dir, replaced)
             os.replace(tmp_dir, final_dir)
             write_atomically(self.root / LATEST, final_dir.name)
+            shutil.rmtree(replaced, ignore_errors=True)
             self._delete_old(keep=final_dir.name)
             print(f"checkpoint saved: {final_dir}", flush=True)
         self._barrier()
@@ -286,7 +299,7 @@ class Checkpointer:
         return rank == 0
 
     def _delete_old(self, keep: str) -> None:
-        complete = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        complete = sorted((p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
         for old in complete[: -self.config.checkpoint.keep_last_k]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)

@@ -43,6 +43,8 @@ class DataSection:
 class TrainSection:
     micro_batch_size: int | str = 8  # sequences per device per forward, or "auto" (the autotuner picks)
     global_batch_size: int = 0  # sequences per optimizer step over all ranks; 0 = micro_batch_size x world size
+    memory_budget_gb: float = 0.0  # for micro_batch_size auto: memory per rank to fill; 0 = the device's (whole GPU / available RAM)
+    memory_headroom: float = 0.08  # for micro_batch_size auto: fraction of the budget kept free
     max_steps: int = 100
     lr: float = 6e-4
     min_lr: float = 6e-5  # the cosine ends here

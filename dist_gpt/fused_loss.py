@@ -10,12 +10,15 @@ and, for each chunk, computes the logits, the loss and straight away the gradien
     grad_weight  += dL/dlogits_c^T @ hidden_c     (V, C), accumulated in fp32
 
 so the peak is one chunk x V fp32 buffer (reused by every chunk) instead of N x V logits plus their N x V
-gradient. What survives until backward is grad_hidden (N x C) and grad_weight (V x C), which the backward
-would have produced anyway; backward only scales them by the incoming gradient (usually 1, or 1/accum
-steps). The price is that the gradients are computed even if backward never runs; when autograd is off
-(evaluation) or neither input needs a gradient, only the loss is computed.
+gradient. What survives until backward is grad_hidden (N x C) and grad_weight (V x C fp32, 77 MB for the
+seed model against its 412 MB of logits), which the backward would have produced anyway; backward only
+scales them by the incoming gradient (1, or 1/accumulation steps). The price is that the gradients are
+computed even if backward never runs; when autograd is off (evaluation) or neither input needs a gradient,
+only the loss is computed.
 
-The FLOPs are those of the plain path (3 matmuls of N x V x C): nothing is recomputed.
+The FLOPs are those of the plain path (3 matmuls of N x V x C): nothing is recomputed. Measured (see
+benchmarks/fused_loss.py): on CPU a step is as fast as the plain one or faster and peak RSS halves; on an
+H200 (GPT-2 124M, bf16, 16k tokens) a step is 1-4% slower and its peak memory 40-50% lower.
 
 Semantics match `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=...)`:
 - the loss is fp32 and the mean over targets != ignore_index; ignored tokens get a zero gradient;

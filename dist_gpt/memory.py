@@ -74,8 +74,17 @@ def param_count(c: GPTConfig) -> int:
 
 def resolve_attention(c: GPTConfig, device: str) -> str:
     """'math' keeps the T x T attention probabilities; every other kernel (CUDA flash/efficient/cudnn,
-    PyTorch's CPU flash) keeps only O(T) per head: q, k, v, the output and the log-sum-exp."""
-    return "math" if c.attn_backend == "math" else "flash"
+    PyTorch's CPU flash) keeps only O(T) per head: q, k, v, the output and the log-sum-exp. On CPU,
+    attention dropout sends SDPA to the math kernel whatever was asked (the CPU flash kernel has none)."""
+    if c.attn_backend == "math" or (device == "cpu" and c.dropout > 0):
+        return "math"
+    return "flash"
+
+
+def dropout_mask_bytes(device: str, input_bytes: int) -> int:
+    """Bytes per element of the mask dropout saves: CUDA's fused kernel keeps a bool mask; the CPU path
+    multiplies by a noise tensor of the input's dtype and keeps that."""
+    return 1 if device == "cuda" else input_bytes
 
 
 def block_activation_bytes(c: GPTConfig, tokens: int, a: int, r: int, device: str, autocast: bool) -> int:
@@ -89,32 +98,34 @@ def block_activation_bytes(c: GPTConfig, tokens: int, a: int, r: int, device: st
                         the cos/sin tables
       SDPA (flash-like) saves its output (C) and the log-sum-exp (H x fp32); `y.transpose.contiguous()` is a
                         copy (another C) when the output is head-major, i.e. when q was (RoPE makes it so),
-                        and the same storage otherwise
+                        and the same storage otherwise. Dropout inside the kernel keeps only an RNG state.
       SDPA (math)       saves scaled copies of q, k, v (3C) instead, and the H x T attention probabilities per
-                        token, in fp32 on CPU (autocast upcasts the math kernel there) and the compute dtype on CUDA
+                        token, in fp32 on CPU (autocast upcasts the math kernel there) and the compute dtype on
+                        CUDA; with dropout also the mask and the dropped probabilities (2 more H x T)
       attn c_proj       saves its input y (C)
       c_fc              saves ln_2's output (C)
       GELU              saves its input, c_fc's output (4C)
       mlp c_proj        saves GELU's output (4C)
-      dropout (p > 0)   a 1-byte mask per element after each c_proj (2C); math attention also masks H x T
+      dropout (p > 0)   a mask after each c_proj (2C; see dropout_mask_bytes)
     so flash + RoPE: 2r C + 17a C + 16 + 4H bytes per token (learned positions: 15a C; fp32: 19 x 4 = 76 C).
     Under autocast the bf16 copies of the four weight matrices (12 C^2 x 2 bytes) are cached for the whole
-    forward and saved by the linears: they count here too."""
+    forward and saved by the linears, and RoPE's cos/sin tables are cast for q and for k: they count here too."""
     C, H, T = c.n_embd, c.n_head, c.block_size
     rope = c.position == "rope"
     per_token = 2 * r * C + 2 * 2 * 4  # ln_1/ln_2 inputs, mean + rstd
     per_token += a * C * (1 + 1 + 1 + 4 + 4)  # inputs of c_attn, attn c_proj, c_fc, mlp c_proj; GELU input
     if resolve_attention(c, device) == "math":
-        score_bytes = 4 if device == "cpu" else a
-        per_token += a * 3 * C if device != "cpu" else 4 * 3 * C  # CPU autocast runs math in fp32 throughout
-        per_token += score_bytes * H * T
+        math_bytes = 4 if device == "cpu" else a  # CPU autocast runs the math kernel in fp32 throughout
+        per_token += math_bytes * 3 * C + math_bytes * H * T
         if c.dropout > 0:
-            per_token += H * T
+            per_token += (math_bytes + dropout_mask_bytes(device, math_bytes)) * H * T
     else:
         per_token += a * C * (3 + (2 if rope else 0) + (1 if rope else 0)) + 4 * H
     if c.dropout > 0:
-        per_token += 2 * C
+        per_token += 2 * C * dropout_mask_bytes(device, a)
     weight_copies = 2 * 12 * C * C if autocast else 0
+    if autocast and rope:
+        weight_copies += 4 * T * (c.head_dim // 2) * a  # cos and sin cast to bf16, once for q and once for k
     return tokens * per_token + weight_copies
 
 
@@ -258,7 +269,7 @@ def predict(
     else:
         blocks = L * per_block
     # token ids and targets (int64), ln_f's input + stats, the embedding dropout's mask
-    non_block = N * 16 + N * (C * r + 8) + (N * C if c.dropout > 0 else 0)
+    non_block = N * 16 + N * (C * r + 8) + (N * C * dropout_mask_bytes(device, r) if c.dropout > 0 else 0)
     activations = blocks + non_block
 
     # ---- the loss layer (LMHead), forward and start of backward
@@ -272,11 +283,13 @@ def predict(
         backward = saved + 2 * N * V * 4 + (N * V * a if a != 4 else 0)
     else:
         # fused_loss: saves grad_hidden (N x C, a) and grad_weight (V x C fp32), both computed in forward.
-        # Inside forward: one fp32 chunk x V buffer, logsumexp's fp32 temporary of the same size, a
-        # low-precision twin for bf16 matmuls, and bf16 copies of hidden and (under autocast) the weight.
+        # Inside forward: one fp32 chunk x V buffer reused by every chunk, its low-precision twin for bf16
+        # matmuls, the bf16 V x C product each chunk adds into grad_weight, and copies of hidden (when the
+        # residual stream is fp32 and the compute bf16) and of the weight (under autocast).
         rows = min(c.loss_chunk_tokens, N)
         saved = N * C * a + V * C * 4
-        forward = saved + rows * V * (4 + 4 + (a if a != 4 else 0)) + (N * C * a if r != a else 0) + (V * C * a if weight_dtype != a else 0)
+        low_precision = V * C * a + rows * V * a if a != 4 else 0
+        forward = saved + rows * V * 4 + low_precision + (N * C * a if r != a else 0) + (V * C * a if weight_dtype != a else 0)
         # backward scales both saved gradients out of place (fp32), then casts to the inputs' dtypes
         backward = saved + V * C * 4 + N * C * 4 + (V * C * weight_dtype if weight_dtype != 4 else 0)
     # with gradient accumulation the previous micro-batches' gradients are alive during this one's forward
@@ -332,14 +345,30 @@ def largest_fitting(budget_bytes: float, gpt_config: GPTConfig, *args, limit: in
     return lo
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set: VmHWM, the high-water mark of its own address space. Not
+    getrusage's ru_maxrss: Linux carries the parent's resident set at fork time into the child's maxrss
+    across exec, so a child of a big process would read the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; an upper bound
+
+
 @functools.lru_cache(maxsize=None)
 def idle_process_bytes() -> int:
     """Resident set of a fresh python that has imported torch and dist_gpt's training modules: what every
-    CPU process pays before its first tensor. Measured once per process, in a child (our own RSS already
-    holds whatever this process did)."""
-    code = "import resource, dist_gpt.trainer; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    CPU process pays before its first tensor. Measured once per process, in a child (our own resident set
+    already holds whatever this process did)."""
+    code = "import dist_gpt.trainer, dist_gpt.memory as m; print(m.peak_resident_bytes())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return int(out.stdout.split()[-1])
 
 
 def table(breakdowns: list[Breakdown]) -> str:

@@ -8,21 +8,21 @@ activations and gradients every step, so each step the kernel maps new zeroed pa
     mmap_max = 0          never mmap: big blocks come from the heap, and a freed block is reused next step
     trim_threshold = huge never give the heap's free top back to the kernel (no re-faulting it next step)
 
-They can be set two ways, both provided here:
-- `keep_freed_memory()`: mallopt() through ctypes in the running process. Nothing to restart; only what is
-  allocated after the call is affected.
-- `GLIBC_TUNABLES` (`malloc_env()`, `reexec_with_tuned_malloc()`): read by glibc at process start, so it
-  covers the whole life of the process, but needs the variable set before Python starts.
+They can be set two ways:
+- `keep_freed_memory()`: mallopt() through ctypes in the running process. Nothing to restart; it affects
+  what is allocated after the call. This is the one to use: measured on a seed-model training step it
+  removes the per-step page faults (478k -> 0) and speeds the step up as much as the variable does.
+- `GLIBC_TUNABLES` (`malloc_env()` builds the environment): read by glibc at process start, so it has to be
+  set before Python starts; useful for child processes and benchmarks.
 
 The cost is memory: the heap stays at its high-water mark instead of shrinking between steps (RSS no longer
-drops after backward) and freed holes may fragment. `DIST_GPT_MALLOC=default` turns all of this off.
+drops after backward) and freed holes may fragment: seed model, plain loss, peak RSS 2.3 -> 2.9 GB. `DIST_GPT_MALLOC=default` turns all of this off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import sys
 
 OVERRIDE_ENV_VAR = "DIST_GPT_MALLOC"  # =default: leave malloc as glibc ships it
@@ -67,11 +67,6 @@ def keep_freed_memory() -> bool:
     return ok_mmap and ok_trim
 
 
-def malloc_tuned_by_env() -> bool:
-    """Whether this process was started with our GLIBC_TUNABLES."""
-    return GLIBC_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
-
-
 def malloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of env (default os.environ) with our settings added to GLIBC_TUNABLES, for a child process."""
     env = dict(os.environ if env is None else env)
@@ -81,19 +76,8 @@ def malloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def reexec_with_tuned_malloc() -> None:
-    """Restart this process with GLIBC_TUNABLES set, unless it already is (or glibc is absent, or
-    DIST_GPT_MALLOC=default). Call it first thing in main(): everything before the exec is redone.
-
-    exec keeps the pid, so launchers (torchrun, mpirun, a shell's job control) do not notice."""
-    if _disabled() or malloc_tuned_by_env() or _glibc() is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # orig_argv is the command line as typed ("python -m pkg ..."); sys.argv would lose the -m.
-    os.execve(sys.executable, list(sys.orig_argv), malloc_env())
-
-
 def page_faults() -> int:
     """Minor page faults of this process so far (the cost of freshly mapped memory being touched)."""
+    import resource  # POSIX only, hence not at the top
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

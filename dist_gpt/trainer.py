@@ -134,13 +134,14 @@ def _train(config: Config, env: DistEnv) -> dict:
     loader = TokenLoader(config.data_dir / "train.bin", config.model.block_size, micro_batch, env.rank, env.world_size, seed=t.seed, device=env.device)
     schedule = CosineSchedule(t.lr, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
     state = TrainState()
+    peak_flops, peak_source = device_peak_flops(env.device, env.compute_dtype)  # before the RNG is set: it draws random matrices
     checkpointer = Checkpointer(config, env, strategy, {"loader": loader, "train_state": state})
     resumed_from = checkpointer.resume()
-    seed_everything(t.seed + env.rank + state.step)  # dropout etc. continue differently after each resume
+    if not checkpointer.rng_restored:  # a resumed rank continues its saved RNG stream (dropout), bit for bit
+        seed_everything(t.seed + env.rank + state.step)  # a fresh run, or a rank the saving run did not have
 
     metrics = MetricsLogger(config.run_dir, env.is_main, config.logging.wandb, config.logging.wandb_project, config.to_dict(), state.wandb_run_id)
     state.wandb_run_id = metrics.wandb_run_id
-    peak_flops, peak_source = device_peak_flops(env.device, env.compute_dtype)
     tokens_per_step = micro_batch * grad_accum * env.world_size * config.model.block_size
     if env.is_main:
         print(

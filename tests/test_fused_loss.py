@@ -1,6 +1,10 @@
 """The chunked linear + cross-entropy against the plain full-logits reference, and the malloc helpers."""
 
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,7 +184,11 @@ def test_training_chunked_matches_plain():
 
 
 def test_keep_freed_memory_returns_bool(monkeypatch):
-    assert isinstance(keep_freed_memory(), bool)
+    # In a child process: the setting is process-wide and would follow every later test here.
+    code = "from dist_gpt.runtime import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if k != "DIST_GPT_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("True" if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" else "False")
     monkeypatch.setenv("DIST_GPT_MALLOC", "default")
     assert keep_freed_memory() is False
 

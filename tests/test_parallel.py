@@ -35,7 +35,11 @@ from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV, load_ds_config, reso
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per launch; a healthy one takes 10-40 s on 2 busy cores
 STEPS = 10
-REL_TOL = 1e-4
+LOSS_REL_TOL = 1e-4
+# The gradient norm is looser: sharded runs sum squares in another order (1e-6 apart at step 1), and AdamW
+# turns rounding-level differences in near-zero gradient entries into lr-sized updates of those entries, which
+# the norm sees and the loss hardly does. Seen: up to 3e-4 apart by step 10 (FSDP, ZeRO) with losses 2e-7 apart.
+GRAD_NORM_REL_TOL = 1e-3
 
 TRAIN_OVERRIDES = [
     "model.n_layer=2",
@@ -64,18 +68,18 @@ def deepspeed_launcher() -> list[str]:
     return [str(exe) if exe.exists() else "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
 
 
-# name -> (launcher, extra arguments). Variants ride on runs that exist anyway, to keep the launches few:
-# the 1-process FSDP run also checks reshard_after_forward=False and activation checkpointing, ZeRO-3 runs
-# with activation checkpointing (recompute must re-gather the parameters).
+# name -> (launcher, ds_config, overrides). Variants ride on runs that exist anyway, to keep the launches few:
+# the 1-process FSDP run also checks reshard_after_forward=False and activation checkpointing; ZeRO-3 runs
+# with activation checkpointing (the recompute in backward must find the parameters gathered again).
 RUNS = {
-    "single": (lambda: [sys.executable], []),
-    "ddp": (lambda: TORCHRUN, ["parallel.strategy=ddp"]),
-    "fsdp": (lambda: TORCHRUN, ["parallel.strategy=fsdp"]),
-    "fsdp-1proc": (lambda: [sys.executable], ["parallel.strategy=fsdp", "parallel.fsdp_reshard_after_forward=false", "parallel.activation_checkpointing=true"]),
-    "zero1": (deepspeed_launcher, ["--ds_config", "ds_configs/zero1.json"]),
-    "zero2": (deepspeed_launcher, ["--ds_config", "ds_configs/zero2.json"]),
-    "zero3+ac": (deepspeed_launcher, ["--ds_config", "ds_configs/zero3.json", "parallel.activation_checkpointing=true"]),
-    "zero3-offload": (deepspeed_launcher, ["--ds_config", "ds_configs/zero3-offload.json"]),
+    "single": (lambda: [sys.executable], None, []),
+    "ddp": (lambda: TORCHRUN, None, ["parallel.strategy=ddp"]),
+    "fsdp": (lambda: TORCHRUN, None, ["parallel.strategy=fsdp"]),
+    "fsdp-1proc": (lambda: [sys.executable], None, ["parallel.strategy=fsdp", "parallel.fsdp_reshard_after_forward=false", "parallel.activation_checkpointing=true"]),
+    "zero1": (deepspeed_launcher, "zero1", []),
+    "zero2": (deepspeed_launcher, "zero2", []),
+    "zero3+ac": (deepspeed_launcher, "zero3", ["parallel.activation_checkpointing=true"]),
+    "zero3-offload": (deepspeed_launcher, "zero3-offload", []),
 }
 
 
@@ -110,9 +114,10 @@ class Launcher:
 
     def __call__(self, name: str) -> Run:
         if name not in self.done:
-            launcher, extra = RUNS[name]
-            cmd = [*launcher(), "launch/train.py", "--config", "bible-tiny", *TRAIN_OVERRIDES, *extra,
-                   f"data.dir={self.data_dir}", f"train.out_dir={self.out_dir}", f"train.run_name={name}"]
+            launcher, ds_config, overrides = RUNS[name]
+            flags = ["--config", "bible-tiny"] + (["--ds_config", f"ds_configs/{ds_config}.json"] if ds_config else [])
+            run_overrides = [f"data.dir={self.data_dir}", f"train.out_dir={self.out_dir}", f"train.run_name={name}"]
+            cmd = [*launcher(), "launch/train.py", *flags, *TRAIN_OVERRIDES, *overrides, *run_overrides]
             env = {
                 **os.environ,
                 "OMP_NUM_THREADS": "1",  # 2 ranks on 2 cores; the deepspeed launcher does not set it like torchrun
@@ -159,8 +164,8 @@ def test_strategy_matches_single(launch, name):
     reference.check_ok()
     run.check_ok()
     for ref, got in zip(reference.steps(), run.steps()):
-        for key in ("loss", "grad_norm"):
-            assert got[key] == pytest.approx(ref[key], rel=REL_TOL), f"{name} step {got['step']}: {key} {got[key]} vs single {ref[key]}"
+        for key, rel in (("loss", LOSS_REL_TOL), ("grad_norm", GRAD_NORM_REL_TOL)):
+            assert got[key] == pytest.approx(ref[key], rel=rel), f"{name} step {got['step']}: {key} {got[key]} vs single {ref[key]}"
     losses = [r["loss"] for r in run.steps()]
     assert losses[-1] < losses[0] - 0.1, f"{name} did not train: {losses}"
 

@@ -1,0 +1,365 @@
+"""The micro-batch autotuner (dist_gpt.autotune_batch) and the memory model it starts from (dist_gpt.memory).
+
+The search and the choice are pure functions over a trial callable, so most tests drive them with simulated
+devices: exact, noisy, flaky, or two ranks that disagree. The rest measure for real on CPU, with shapes small
+enough for a few seconds per trial: the model's saved-activation arithmetic byte for byte, its live-tensor
+peak against the profiler, its resident-set prediction within 15%, and a whole tuning whose pick is checked
+in fresh processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import types
+
+import pytest
+import torch
+
+from conftest import run_python, tiny_overrides
+from dist_gpt import memory
+from dist_gpt.autotune_batch import (
+    NO_GLOBAL_BATCH_CAP,
+    RunMemoryModel,
+    TrialResult,
+    agree_across_ranks,
+    autotune,
+    measure_sizes,
+    nothing_fits_message,
+    search_largest,
+    tune,
+    worst_of,
+)
+from dist_gpt.config import from_dict
+from dist_gpt.distributed import DistEnv
+from dist_gpt.errors import UserError
+from dist_gpt.model import GPT, Block, GPTConfig
+
+MB = memory.MB
+
+
+# ============================================================================ simulated devices
+
+
+class SimulatedDevice:
+    """peak(b) = base + per_sample x b (a third of it with activation checkpointing), optionally noisy;
+    OOM above `capacity`; sizes in `flaky` run out once, then run; speed peaks at `fastest`."""
+
+    def __init__(self, base_mb=1000.0, per_sample_mb=10.0, capacity_mb=None, noise=0.0, flaky=(), fastest=None, seed=0):
+        self.base, self.per_sample, self.capacity, self.noise = base_mb * MB, per_sample_mb * MB, capacity_mb and capacity_mb * MB, noise
+        self.flaky, self.fastest = set(flaky), fastest
+        self.rng = random.Random(seed)
+        self.calls: list[int] = []
+
+    def peak(self, b: int, checkpointing: bool = False) -> float:
+        return self.base + self.per_sample * b / (3 if checkpointing else 1)
+
+    def __call__(self, b: int, checkpointing: bool = False) -> TrialResult:
+        self.calls.append(b)
+        if b in self.flaky:
+            self.flaky.discard(b)
+            return TrialResult(b, oom=True)
+        peak = self.peak(b, checkpointing) * (1 + self.rng.uniform(-self.noise, self.noise))
+        if self.capacity and peak > self.capacity:
+            return TrialResult(b, oom=True)
+        speed = 1000.0 * b / (1 + (b / self.fastest) ** 2) if self.fastest else 1000.0 * b
+        return TrialResult(b, int(peak), tokens_per_s=speed * (0.8 if checkpointing else 1.0))
+
+    def largest_under(self, limit: float) -> int:
+        return int((limit - self.base) // self.per_sample)
+
+
+LIMIT = 1500 * MB  # with the default device: micro-batch 50 is exactly at the limit
+
+
+@pytest.mark.parametrize("start", [50, 48, 1, 7, 1000])
+@pytest.mark.parametrize("model_error", [None, 0.9, 1.2])
+def test_search_finds_the_boundary_from_any_start(start, model_error):
+    """With or without a memory model (here 10% under or 20% over the device's slope), near or far starts."""
+    device = SimulatedDevice()
+    predict = (lambda b: device.base + model_error * device.per_sample * b) if model_error else None
+    search = search_largest(device, LIMIT, start, max_micro_batch=NO_GLOBAL_BATCH_CAP, predict_bytes=predict)
+    assert search.largest == 50
+    fits = {row.micro_batch: row.fits for row in search.tried}
+    assert fits[50] and not fits[51]  # the bracket closed on measurements
+    near = start in (48, 50)
+    assert len(device.calls) <= {True: 3 if model_error else 4, False: 8}[near], device.calls
+
+
+def test_search_respects_the_cap_and_real_ooms():
+    device = SimulatedDevice(capacity_mb=1300)  # runs out before reaching the limit
+    search = search_largest(device, LIMIT, 40, max_micro_batch=NO_GLOBAL_BATCH_CAP)
+    assert search.largest == 30
+    oom_rows = [row for row in search.tried if row.result.oom]
+    assert oom_rows and all(row.retried and row.outcome == "OOM (twice)" for row in oom_rows)  # each OOM retried once
+    capped = search_largest(SimulatedDevice(), LIMIT, 40, max_micro_batch=32)
+    assert capped.largest == 32 and max(row.micro_batch for row in capped.tried) == 32
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_search_with_noisy_peaks_stays_under_the_limit(seed):
+    device = SimulatedDevice(noise=0.03, seed=seed)  # +-3% of ~1500 MB = +-4.5 micro-batches of 10 MB
+    search = search_largest(device, LIMIT, 30, max_micro_batch=NO_GLOBAL_BATCH_CAP)
+    chosen = next(row for row in search.tried if row.micro_batch == search.largest)
+    assert chosen.fits and chosen.result.peak_bytes <= LIMIT
+    assert 45 <= search.largest <= 55
+    assert any(row.micro_batch == search.largest + 1 and not row.fits for row in search.tried)
+    assert len(search.tried) <= 12
+
+
+def test_flaky_oom_is_retried_once_and_then_counts():
+    device = SimulatedDevice(flaky={50})  # the prediction's size runs out once (say, memory not yet returned)
+    search = search_largest(device, LIMIT, 50, max_micro_batch=NO_GLOBAL_BATCH_CAP)
+    assert search.largest == 50
+    row = next(row for row in search.tried if row.micro_batch == 50)
+    assert row.retried and row.fits and row.outcome == "fit (OOM once, then ran)"
+    assert device.calls.count(50) == 2
+
+
+def test_ranks_that_disagree_take_the_worst():
+    rank0 = SimulatedDevice()
+    rank1 = SimulatedDevice(per_sample_mb=12.5, capacity_mb=1400)  # more activations (say, longer documents), a smaller card
+
+    def both(b: int, checkpointing: bool = False) -> TrialResult:
+        return worst_of([rank0(b), rank1(b)])
+
+    outcome = tune(both, limit_bytes=LIMIT, start=50)
+    alone = [search_largest(device, LIMIT, 50, NO_GLOBAL_BATCH_CAP).largest for device in (SimulatedDevice(), SimulatedDevice(per_sample_mb=12.5, capacity_mb=1400))]
+    assert outcome.micro_batch == min(alone) == 32
+
+    agreed = worst_of([TrialResult(8, 100, tokens_per_s=50.0), TrialResult(8, 0, oom=True, note="on rank 1"), TrialResult(8, 300, tokens_per_s=40.0)])
+    assert agreed.oom and agreed.peak_bytes == 300 and agreed.tokens_per_s == 40.0 and "rank 1" in agreed.note
+
+
+def _agree_worker(rank: int, store_path: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    env = DistEnv(rank=rank, world_size=2)
+    mine = [TrialResult(16, 900 * MB, tokens_per_s=2000.0), TrialResult(16, oom=True, note="CUDA out of memory")][rank]
+    agreed = agree_across_ranks(mine, env)
+    dist.barrier()
+    results[rank] = dataclasses.asdict(agreed)
+    dist.destroy_process_group()
+
+
+def test_all_reduce_agreement_between_two_processes(tmp_path):
+    """The real collective: rank 1 ran out, rank 0 did not; both learn it, neither hangs."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agree_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results[0]["oom"] and results[1]["oom"]
+    assert results[0]["peak_bytes"] == results[1]["peak_bytes"] == 900 * MB
+    assert results[0]["note"] == "on another rank" and results[1]["note"] == "CUDA out of memory"
+
+
+# ============================================================================ the choice
+
+
+def test_choice_keeps_the_global_batch():
+    device = SimulatedDevice(per_sample_mb=500 / 37.5)  # largest fitting: 37
+    outcome = tune(device, limit_bytes=LIMIT, start=37, global_batch=480, world_size=1)
+    assert outcome.largest == 37
+    assert (outcome.micro_batch, outcome.grad_accum, outcome.global_batch) == (32, 15, 480)
+    assert "37 does not divide" in outcome.notes[0] and "train.global_batch_size=481" in outcome.notes[0]
+
+    on_two = tune(SimulatedDevice(per_sample_mb=500 / 37.5), limit_bytes=LIMIT, start=37, global_batch=480, world_size=2)
+    assert (on_two.micro_batch, on_two.grad_accum, on_two.global_batch) == (30, 8, 480)  # 240 per rank
+
+    free = tune(SimulatedDevice(), limit_bytes=LIMIT, start=50, global_batch=0, world_size=4)
+    assert (free.micro_batch, free.grad_accum, free.global_batch) == (50, 1, 200)
+
+    with pytest.raises(UserError, match="not divisible by the world size"):
+        tune(SimulatedDevice(), limit_bytes=LIMIT, start=50, global_batch=100, world_size=3)
+
+
+def test_throughput_objective_takes_the_fastest_and_tries_checkpointing():
+    device = SimulatedDevice(fastest=20)  # speed peaks at 20 although 50 fits
+    outcome = tune(device, limit_bytes=LIMIT, start=50, objective="throughput")
+    assert outcome.largest == 50 and 15 <= outcome.micro_batch <= 30
+    assert "fastest" in outcome.notes[-1]
+
+    linear = SimulatedDevice()  # faster with every sample; checkpointing fits 3x more at 80% of the speed
+    outcome = tune(linear, limit_bytes=LIMIT, start=50, objective="throughput", checkpointing_start=150)
+    assert outcome.checkpointing and outcome.micro_batch == 150
+    assert any(row.checkpointing for row in outcome.tried) and any(not row.checkpointing for row in outcome.tried)
+
+
+def test_budget_below_micro_batch_one_says_what_would_fit():
+    config = from_dict({"model": {"preset": "gpt2"}, "train": {"device": "cpu"}})
+    runner = types.SimpleNamespace(micro_steps=lambda b: 1, overhead_bytes=300 * MB, global_batch=0)
+    model = RunMemoryModel(config, DistEnv(), "single", runner)
+    budget = model(1, False) * 0.9  # micro-batch 1 needs ~10% more than the budget
+    limit = budget * 0.92
+    device = SimulatedDevice(base_mb=model(1, False) / MB - 1, per_sample_mb=1)
+
+    with pytest.raises(UserError) as error:
+        tune(device, limit_bytes=limit, start=4, nothing_fits=lambda search: nothing_fits_message(search, limit, budget, 0.08, model, config))
+    message = str(error.value)
+    assert "\n" not in message and "micro-batch 1 needs" in message
+    for way_out in ("parallel.activation_checkpointing=true", "model.block_size=512", "zero3-offload"):
+        assert way_out in message
+    assert "(fits)" in message  # ZeRO-3 offload frees the ~1.5 GB of fp32 states and moments
+
+
+# ============================================================================ the memory model
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(position="learned"), dict(bias=False), dict(bias=False, position="learned")])
+def test_parameter_count_matches_the_model(shape):
+    config = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=32, vocab_size=512, tokenizer_vocab_size=512, **shape)
+    assert memory.param_count(config) == GPT(config).num_params(non_embedding=False)
+
+
+def saved_tensor_bytes(module: torch.nn.Module, x: torch.Tensor, autocast: bool) -> int:
+    """Bytes of the distinct storages autograd saves during module(x), parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        module(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("attn_backend", ["auto", "math"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_block_activations_byte_for_byte(position, attn_backend, dtype, dropout):
+    """The per-block arithmetic of memory.block_activation_bytes against what autograd really saves on CPU."""
+    B, T, C, H = 2, 64, 64, 2
+    config = GPTConfig(n_layer=1, n_head=H, n_embd=C, block_size=T, vocab_size=512, tokenizer_vocab_size=512,
+                       position=position, attn_backend=attn_backend, dropout=dropout)
+    autocast = dtype == "bf16"
+    block = Block(config).train()
+    measured = saved_tensor_bytes(block, torch.randn(B, T, C, requires_grad=True), autocast)
+    assert memory.block_activation_bytes(config, B * T, 2 if autocast else 4, 4, "cpu", autocast) == measured
+
+
+def test_strategies_divide_what_they_shard():
+    config = GPTConfig()  # GPT-2 124M
+    P = memory.param_count(config)
+
+    def states(strategy, world=8, offload=False, dtype="bf16"):
+        b = memory.predict(config, 4, strategy, world, dtype, offload=offload, overhead_bytes=0)
+        return b.params, b.optimizer_states
+
+    assert states("ddp") == states("single") == (4 * P, 8 * P)  # replicated, fp32 under autocast
+    assert states("zero1") == (2 * P, 16 * P // 8)  # bf16 params; fp32 master + grads + moments sharded
+    assert states("zero3")[0] == 2 * P // 8
+    assert states("zero2", offload=True)[1] == 0 and states("zero3", offload=True) == (0, 0)
+    assert states("fsdp") == (4 * P // 8, 8 * P // 8)
+    assert states("fsdp", offload=True) == (0, 0)
+    gathered = memory.predict(config, 4, "fsdp-no-reshard", 8, "bf16", overhead_bytes=0).output_layer
+    resharded = memory.predict(config, 4, "fsdp", 8, "bf16", overhead_bytes=0).output_layer
+    assert gathered - resharded == pytest.approx(2 * (P - memory.root_params(config) - 2 * memory.block_params(config)), rel=0.01)
+    # checkpointing and bf16 shrink activations; the math kernel's T x T scores grow them
+    acts = {k: memory.predict(config, 8, "single", 1, **kw, overhead_bytes=0).activations for k, kw in {
+        "fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16"), "ckpt": dict(dtype="bf16", activation_checkpointing=True)}.items()}
+    assert acts["ckpt"] < acts["bf16"] < acts["fp32"]
+    math = memory.predict(dataclasses.replace(config, attn_backend="math"), 8, "single", 1, "bf16", overhead_bytes=0).activations
+    assert math - acts["bf16"] == 12 * 8 * 12 * 1024 * 1024 * 2  # layers x B x heads x T x T x bf16
+
+
+def test_largest_fitting_and_table():
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=128, vocab_size=4096, tokenizer_vocab_size=4096)
+    budget = memory.predict(config, 37, overhead_bytes=500 * MB).total + 1
+    assert memory.largest_fitting(budget, config, overhead_bytes=500 * MB) == 37
+    assert memory.largest_fitting(100 * MB, config, overhead_bytes=500 * MB) == 0
+    text = memory.predict(config, 37, overhead_bytes=500 * MB).table()
+    assert "activations" in text and "total" in text and "micro-batch 37" in text
+    assert "total" in memory.table([memory.predict(config, b, overhead_bytes=0) for b in (1, 2)])
+
+
+# ============================================================================ measured on CPU
+
+# Two shapes for the measured tests: RoPE + chunked loss (one chunk buffer, whatever the batch) and learned
+# positions + plain loss (N x V logits grow with the batch). The same set as benchmarks/memory_model.py.
+SHAPES = {
+    "rope-chunked": (dict(n_layer=2, n_head=2, n_embd=256, block_size=256, vocab_size=16384, tokenizer_vocab_size=16384), [1, 4, 16]),
+    "learned-plain": (dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=8192, tokenizer_vocab_size=8192, position="learned", loss="plain"), [2, 8, 32]),
+}
+
+
+def cpu_config(name: str, **train):
+    return from_dict({"name": name, "model": SHAPES[name][0], "train": {"device": "cpu", **train}})
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_live_tensor_peak_matches_the_profiler(name):
+    """The tensor terms alone (no overhead, no heap slack) against the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dist_gpt.autotune_batch import run_steps
+
+    config = cpu_config(name)
+    for size in SHAPES[name][1][:2]:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run_steps(config, DistEnv(), size, micro_steps=1, steps=2)
+        live = peak = 0
+        for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+            live += event.nbytes()
+            peak = max(peak, live)
+        predicted = memory.predict(config.model.gpt_config(), size, device="cpu", overhead_bytes=0).tensors
+        assert predicted == pytest.approx(peak, rel=0.03), f"{name} micro-batch {size}"
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_memory_model_within_15_percent_of_measured_cpu_peak(name):
+    """Predicted vs measured peak resident set (fresh process per size, real training steps)."""
+    config = cpu_config(name)
+    rows = measure_sizes(config, DistEnv(), "single", SHAPES[name][1], steps=2)
+    for breakdown, result in rows:
+        assert breakdown.total == pytest.approx(result.peak_bytes, rel=0.15), f"{name} micro-batch {breakdown.micro_batch}: {breakdown.table()}"
+
+
+def test_tuning_on_cpu_picks_the_largest_that_fits_and_caches(tmp_path, monkeypatch):
+    """A whole tuning against a RAM budget; the pick re-measured in a fresh process stays under the limit and
+    the next size up does not; a second tuning reads the cache."""
+    monkeypatch.setenv("DIST_GPT_CACHE", str(tmp_path))
+    config = cpu_config("learned-plain")
+    env = DistEnv()
+    # A budget the model puts at micro-batch ~12: the search must find the real boundary around it.
+    runner = types.SimpleNamespace(micro_steps=lambda b: 1, overhead_bytes=memory.idle_process_bytes(), global_batch=0)
+    budget = RunMemoryModel(config, env, "single", runner)(12, False) / 0.92
+    report = autotune(config, env, "single", budget_bytes=budget, steps=2)
+    limit = budget * 0.92
+    pick = report.outcome.micro_batch
+    assert report.from_cache is None and 2 <= report.trials <= 8
+    (_, at_pick), (_, next_up) = measure_sizes(config, env, "single", [pick, pick + 1], steps=2)
+    noise = 0.01 * limit  # the resident peak repeats to within a few MB
+    assert at_pick.peak_bytes <= limit + noise
+    assert next_up.peak_bytes > limit - noise
+    text = report.render()
+    assert f"train.micro_batch_size={pick}" in text and "over limit" in text
+
+    again = autotune(config, env, "single", budget_bytes=budget, steps=2)
+    assert again.from_cache is not None and again.outcome.micro_batch == pick and "used the cached result" in again.render()
+    assert json.loads(again.from_cache.read_text())["key"]["world_size"] == 1
+
+
+def test_cli_budget_too_small_is_one_line(tmp_path):
+    proc = run_python(["-m", "dist_gpt.autotune_batch", "--config", "bible-tiny", "--memory-budget-gb", "0.05", "train.device=cpu"],
+                      check=False, DIST_GPT_CACHE=str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: micro-batch 1") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_trainer_with_auto_micro_batch(tiny_data, tmp_path):
+    """train.micro_batch_size=auto through the trainer: tuned, recorded in the run directory, trained."""
+    overrides = tiny_overrides(tiny_data, tmp_path / "out", train__micro_batch_size="auto", train__memory_budget_gb=1.0,
+                               train__global_batch_size=8, train__max_steps=2, train__device="cpu")
+    proc = run_python(["launch/train.py", "--config", "bible-tiny", *overrides], DIST_GPT_CACHE=str(tmp_path / "cache"))
+    assert "choice: micro-batch" in proc.stdout
+    chosen = json.loads((tmp_path / "out" / "run" / "autotune.json").read_text())
+    assert 8 % chosen["micro_batch"] == 0 and chosen["global_batch"] == 8
