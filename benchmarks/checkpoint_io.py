@@ -61,77 +61,62 @@ def build(model_name: str, out_dir: Path, async_save: bool = False):
     return config, env, strategy, Checkpointer(config, env, strategy, {"train_state": state}), model
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def bench_model(model_name: str, root: Path, repeats: int) -> list[dict]:
-    import io
+    """The three ways, interleaved round after round (the disk's and the machine's load drift hits all of them
+    alike); each time the best round."""
     import contextlib
+    import io
 
     from dist_gpt.checkpoint import step_dir_name
 
-    rows = []
     with contextlib.redirect_stdout(io.StringIO()):  # "checkpoint saved: ..." on every save
         config, env, strategy, ckpt, model = build(model_name, root)
     params = sum(p.numel() for p in model.parameters())
+    steps = iter(range(1, 10_000))  # the Checkpointer skips a step it has already saved: a new one each time
+    dcp_dir, pt = root / f"{model_name}-dcp", root / f"{model_name}.pt"
 
-    # --- Checkpointer (the whole path); a new step number each time (a step already saved is skipped)
-    step = iter(range(1, 10_000))
-    saved: list[Path] = []
-
-    def checkpointer_save():
-        s = next(step)
+    def checkpointer_save() -> Path:
+        step = next(steps)
         with contextlib.redirect_stdout(io.StringIO()):
-            ckpt.save(s)
-        saved.append(ckpt.root / step_dir_name(s))
+            ckpt.save(step)  # keep_last_k=1: also deletes the previous one, as a run does
+        return ckpt.root / step_dir_name(step)
 
-    save_s = best(checkpointer_save, repeats)
-    size = dir_bytes(saved[-1])
-    load_s = best(lambda: ckpt.load(saved[-1]), repeats)
-    rows.append(dict(model=model_name, params=params, method="checkpointer", bytes=size, save=save_s, load=load_s))
-
-    # --- DCP through the strategy alone
-    dcp_dir = root / f"{model_name}-dcp"
-
-    def dcp_save():
+    def dcp_save() -> Path:
         shutil.rmtree(dcp_dir, ignore_errors=True)
         dcp_dir.mkdir()
         strategy.save_checkpoint(dcp_dir)
+        return dcp_dir
 
-    save_s = best(dcp_save, repeats)
-    load_s = best(lambda: strategy.load_checkpoint(dcp_dir, {}), repeats)
-    rows.append(dict(model=model_name, params=params, method="dcp", bytes=dir_bytes(dcp_dir), save=save_s, load=load_s))
-    shutil.rmtree(dcp_dir)
-
-    # --- plain torch.save / torch.load of the same state
-    pt = root / f"{model_name}.pt"
-
-    def torch_save():
+    def torch_save() -> Path:
         torch.save({"model": model.state_dict(), "optimizer": strategy.optimizer.state_dict()}, pt)
         with open(pt, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # DCP and the Checkpointer fsync their files too
+        return pt
 
-    def torch_load():
-        state = torch.load(pt, weights_only=True)
+    def torch_load(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
         model.load_state_dict(state["model"])
         strategy.optimizer.load_state_dict(state["optimizer"])
 
-    save_s = best(torch_save, repeats)
-    load_s = best(torch_load, repeats)
-    rows.append(dict(model=model_name, params=params, method="torch.save", bytes=pt.stat().st_size, save=save_s, load=load_s))
-    pt.unlink()
-    shutil.rmtree(root / model_name, ignore_errors=True)
-    return rows
+    methods = {
+        "checkpointer": (checkpointer_save, ckpt.load),
+        "dcp": (dcp_save, lambda path: strategy.load_checkpoint(path, {})),
+        "torch.save": (torch_save, torch_load),
+    }
+    times = {name: {"save": [], "load": []} for name in methods}
+    sizes = {}
+    for _ in range(repeats):
+        for name, (save, load) in methods.items():
+            start = time.perf_counter()
+            path = save()
+            times[name]["save"].append(time.perf_counter() - start)
+            sizes[name] = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            start = time.perf_counter()
+            load(path)
+            times[name]["load"].append(time.perf_counter() - start)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    return [dict(model=model_name, params=params, method=name, bytes=sizes[name], save=min(t["save"]), load=min(t["load"])) for name, t in times.items()]
 
 
 def bench_async(model_name: str, root: Path, repeats: int) -> list[dict]:

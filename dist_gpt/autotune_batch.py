@@ -14,9 +14,12 @@ and the highest rank's measured peak is at most budget x (1 - headroom). The pea
 - CUDA: torch.cuda.max_memory_allocated of the trial (reset before it) + the process's fixed overhead (CUDA
   context and other processes on the card: total - free - reserved, measured before the trials); a budget
   below the card is enforced with set_per_process_memory_fraction, so it runs out where a card of that size would;
-- CPU: the trial process's peak resident set (ru_maxrss). Peaks cannot be reset in a process, so every CPU
-  trial runs in a fresh subprocess; there is no out-of-memory on CPU (the kernel would swap or kill), so
-  the limit alone decides, and a trial whose predicted peak exceeds the RAM left is not run.
+- CPU: the trial process's peak resident set (VmHWM; the malloc tuning of dist_gpt.runtime applied, as in
+  training). Peaks cannot be reset in a process, so every CPU trial runs in a fresh subprocess; there is no
+  out-of-memory on CPU (the kernel would swap or kill), so the limit alone decides, and a trial whose
+  predicted peak exceeds the RAM left is not run.
+A trial does as many micro-batches per optimizer step as training will (2 at most: from the second on the
+previous gradients are alive during forward, and nothing changes after that).
 
 Out-of-memory policy: an OOM is retried once, after a full cleanup; a size that runs out twice in a row does
 not fit. A single OOM can come from outside the step (memory a previous trial had not yet returned, another
@@ -143,7 +146,7 @@ def search_largest(
 ) -> Search:
     """The largest micro-batch in [1, max_micro_batch] whose trial fits under limit_bytes, found with as few
     trials as possible. Keeps a bracket: `lo` fits (0 = nothing fits yet), `hi` does not (max+1 = nothing
-    failed yet). Grows by at most doubling, shrinks by at most halving, and in between aims at where the
+    failed yet). Grows by doubling (or up to 4x when aiming), shrinks by at most halving, and aims at where the
     line through the measured peaks crosses the limit; when two aims in a row fail to halve the bracket,
     the next step bisects, so the trial count stays logarithmic even if the peaks are noisy or not linear."""
     lo, hi = 0, max_micro_batch + 1
@@ -161,7 +164,7 @@ def search_largest(
         if not row.result.oom:
             peaks[candidate] = row.result.peak_bytes
         lo, hi = (candidate, hi) if row.fits else (lo, candidate)
-        stalls = stalls + 1 if aimed and (hi - lo) * 2 > width else 0
+        stalls = stalls + 1 if aimed and hi <= max_micro_batch and (hi - lo) * 2 > width else 0
         candidate, aimed = _next_candidate(lo, hi, max_micro_batch, peaks, limit_bytes, predict_bytes, bisect=stalls >= 2)
     return Search(lo, tried)
 
@@ -182,8 +185,8 @@ def _measure(trial: Callable[[int], TrialResult], micro_batch: int, limit_bytes:
 
 
 def _next_candidate(lo, hi, max_micro_batch, peaks, limit_bytes, predict_bytes, bisect: bool) -> tuple[int, bool]:
-    if hi > max_micro_batch:  # nothing failed yet: grow, at most doubling
-        floor, ceiling, fallback = lo + 1, min(max_micro_batch, 2 * lo), min(max_micro_batch, 2 * lo)
+    if hi > max_micro_batch:  # nothing failed yet: double, or aim up to 4x (a line can be wrong far out)
+        floor, ceiling, fallback = lo + 1, min(max_micro_batch, 4 * lo), min(max_micro_batch, 2 * lo)
     elif lo == 0:  # nothing fit yet: shrink, at most halving
         floor, ceiling, fallback = max(1, hi // 2), hi - 1, max(1, hi // 2)
     else:
@@ -497,29 +500,31 @@ class TrialRunner:
             log_path = Path(tmp) / "log.txt"
             with open(log_path, "w") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "dist_gpt.autotune_batch", "--trial", str(spec_path)], stdout=log, stderr=subprocess.STDOUT)
-                stopped = self._wait(proc, spec["store"][2] if self.store else None)
+                ending = self._wait(proc, spec["store"][2] if self.store else None)
             result_path = Path(spec["result"])
             if result_path.exists():
                 data = json.loads(result_path.read_text())
                 if env.device.type == "cpu":
                     self.overhead_bytes = data["overhead_bytes"]
                 return TrialResult(**data["result"])
-            if stopped:
+            if ending == "peer failed":  # ours was waiting on a rank that ran out: it did not fit either
                 return TrialResult(micro_batch, oom=True, note="stopped: another rank's trial failed")
-            if proc.returncode == -9:  # SIGKILL without a result: the kernel's OOM killer
+            if ending == "timed out":
+                return TrialResult(micro_batch, failed=True, note=f"TimeoutError: the trial took over {TRIAL_TIMEOUT_S} s")
+            if proc.returncode == -9:  # SIGKILL that we did not send: the kernel's OOM killer
                 return TrialResult(micro_batch, oom=True, note="killed (the kernel's OOM killer?)")
             tail = log_path.read_text()[-2000:].strip().splitlines()
             return TrialResult(micro_batch, failed=True, note=f"trial process exited with {proc.returncode}: {tail[-1] if tail else ''}")
 
-    def _wait(self, proc: subprocess.Popen, prefix: str | None) -> bool:
-        """Wait for the trial; True if it was stopped because a peer's trial failed (so ours would wait in a
-        collective forever)."""
+    def _wait(self, proc: subprocess.Popen, prefix: str | None) -> str:
+        """Wait for the trial: 'exited', or 'peer failed' / 'timed out' when we had to kill it (a peer's
+        trial failed, so ours would wait in a collective until the group's timeout)."""
         deadline = time.monotonic() + TRIAL_TIMEOUT_S
         peer_failed_at = None
         while True:
             try:
                 proc.wait(timeout=0.5)
-                return False
+                return "exited"
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
@@ -528,7 +533,7 @@ class TrialRunner:
             if now > deadline or (peer_failed_at is not None and now - peer_failed_at > PEER_FAILURE_GRACE_S):
                 proc.kill()
                 proc.wait()
-                return peer_failed_at is not None
+                return "peer failed" if peer_failed_at is not None else "timed out"
 
     def _trial_store(self):
         """A TCPStore hosted by rank 0's tuner: the trials' process groups meet there, and a failing trial

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator warm-up, compilation)")
     parser.add_argument("--strategy", default="", help="parallel.strategy for every variant")
-    parser.add_argument("--compare", nargs="+", default=None, metavar="VARIANT", help='quoted override lists, e.g. "model.loss=plain"')
+    parser.add_argument("--compare", nargs="+", default=None, metavar="VARIANT", help='quoted override lists, e.g. "model.loss=plain" (put it last)')
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("overrides", nargs="*", help="overrides for every variant, e.g. train.micro_batch_size=8")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ GLIBC_TUNABLES = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={TRIM_THR
 
 # mallopt() parameter numbers from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 
 
@@ -65,6 +66,21 @@ def keep_freed_memory() -> bool:
     ok_mmap = libc.mallopt(_M_MMAP_MAX, 0) == 1
     ok_trim = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     return ok_mmap and ok_trim
+
+
+def restore_default_malloc() -> bool:
+    """Put back glibc's initial settings (mmap above 128 KiB, trim above 128 KiB), for the bench's baseline.
+
+    Not quite a fresh process: once mallopt has been called, glibc no longer raises its mmap threshold by
+    itself, so the baseline maps every block over 128 KiB (a fresh process would, after its first frees,
+    keep blocks of up to 32 MiB on the heap). Compare fresh processes with DIST_GPT_MALLOC=default too."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    results = [libc.mallopt(param, value) for param, value in ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_THRESHOLD, 128 * 1024))]
+    return all(r == 1 for r in results)
 
 
 def malloc_env(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -460,3 +460,38 @@ def test_export_sample_and_finetune(trained, tiny_data, tmp_path, capsys):
     assert summary["step"] == 2
     first = losses_by_step(tmp_path / "finetune")[1]
     assert first < losses_by_step(run_dir)[1] - 0.2  # starts from the trained weights, not from scratch
+
+
+# ---------------------------------------------------------------------------------------------- resharding (FSDP)
+
+
+def _fsdp_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.mark.skipif(not _fsdp_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["fsdp2-to-single", "single-to-fsdp2"])
+def test_resharding_resume_continues_the_same_run(tiny_data, tmp_path, first, then):
+    """A checkpoint of 2 FSDP ranks resumes in 1 process (strategy single) and the other way round: the same
+    global batch (2 x 4 = 1 x 8 sequences) reads the same data stream, so the losses continue those of an
+    uninterrupted single-process run (to float rounding: reductions over 2 ranks add in another order)."""
+    common = tiny_overrides(tiny_data, tmp_path, "run", train__lr_decay_steps=8, checkpoint__every_steps=4)
+    per_world = {1: ["train.micro_batch_size=8", "parallel.strategy=single"], 2: ["train.micro_batch_size=4", "parallel.strategy=fsdp"]}
+    reference = common + per_world[1] + ["train.max_steps=8", "train.run_name=reference"]
+    train(load_config("bible-tiny", reference))
+    for world, max_steps in ((first, 4), (then, 8)):
+        overrides = common + per_world[world] + [f"train.max_steps={max_steps}"]
+        if world == 1:
+            train(load_config("bible-tiny", overrides))
+        else:
+            args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py", "--config", "bible-tiny", *overrides]
+            proc = run_python(args, timeout=300)
+            if max_steps == 8:
+                assert f"resumed from {ckpt_root(tmp_path / 'run') / 'step_000004'} at step 4" in proc.stdout
+    manifests = [read_manifest(ckpt_root(tmp_path / "run") / f"step_{s:06d}") for s in (4, 8)]
+    assert [(m["strategy"], m["world_size"]) for m in manifests] == [("fsdp" if w == 2 else "single", w) for w in (first, then)]
+    expected, got = losses_by_step(tmp_path / "reference"), losses_by_step(tmp_path / "run")
+    assert sorted(got) == list(range(1, 9))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)

@@ -30,7 +30,6 @@ from dist_gpt.parallel.base import OptimizerFactory, Strategy, ensure_process_gr
 # business, not the user's. Filtered here (this module is imported only for the deepspeed strategy).
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed.*")
-warnings.filterwarnings("ignore", category=UserWarning, module=r"deepspeed(\.|$)")
 
 SKIP_SHM_BUILD_ENV = "DIST_GPT_DS_SKIP_SHM_BUILD"  # =1: on CPU, use gloo instead of building DeepSpeed's shm comm op
 

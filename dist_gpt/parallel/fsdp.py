@@ -41,7 +41,8 @@ class FSDPStrategy(SingleDevice):
             mesh=init_device_mesh(self.env.device.type, (world,)),
             reshard_after_forward=p.fsdp_reshard_after_forward,
             mp_policy=self.mixed_precision(),
-            offload_policy=CPUOffloadPolicy() if p.fsdp_cpu_offload else OffloadPolicy(),
+            # Pinned (page-locked) host memory makes the host<->GPU copies asynchronous; it needs an accelerator.
+            offload_policy=CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda") if p.fsdp_cpu_offload else OffloadPolicy(),
         )
         for block in transformer_blocks(model):
             fully_shard(block, **kwargs)
