@@ -13,7 +13,7 @@ while the background write runs; and the time until the checkpoint is published.
 MB/s is the checkpoint's size on disk over the time. The loads read files just written, from the page cache:
 they measure deserialisation, checksums and copies, not the disk.
 
-    python benchmarks/checkpoint_io.py                      # seed + gpt2, 3 repeats (best of), a few minutes
+    python benchmarks/checkpoint_io.py                      # seed + gpt2, best of 2, ~2-5 minutes
     python benchmarks/checkpoint_io.py --models seed --repeats 5 --dir /mnt/fast
 """
 
@@ -150,7 +150,7 @@ def bench_async(model_name: str, root: Path, repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="seed,gpt2", help=f"comma-separated: {', '.join(MODELS)}")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
     parser.add_argument("--async-model", default="gpt2", help="the model for the async-save stall ('' to skip)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()

@@ -419,6 +419,7 @@ class TrialRunner:
         self.ds_config_file = self._trial_ds_config() if strategy_name == "deepspeed" else None
         self.last_ratio = 1.0  # measured / predicted at the latest trial: guards CPU trials against swapping
         self.predict: Callable[[int, bool], float] | None = None
+        self.log: Callable[[str], None] | None = None  # a line per trial as it ends (rank 0 prints them)
         if env.device.type == "cuda":
             self.overhead_bytes = cuda_overhead_bytes(env.device)
 
@@ -444,6 +445,10 @@ class TrialRunner:
             self.last_ratio = result.peak_bytes / self.predict(micro_batch, checkpointing)
         self.count += 1
         self.seconds += time.perf_counter() - start
+        if self.log:
+            measured = "out of memory" if result.oom else f"{result.peak_bytes / MB:,.0f} MB, {result.tokens_per_s:,.0f} tokens/s"
+            self.log(f"  trial {self.count}: micro-batch {micro_batch}{' (checkpointing)' if checkpointing else ''}: {measured} "
+                     f"({time.perf_counter() - start:.1f} s){' [' + result.note + ']' if result.note else ''}")
         return result
 
     # ---------------------------------------------------------------- CUDA, in this process
@@ -775,8 +780,10 @@ def autotune(
     objective: str = "largest",
     use_cache: bool = True,
     steps: int = TRIAL_STEPS,
+    log: Callable[[str], None] | None = None,
 ) -> Report:
-    """Tune the micro-batch for this run (every rank calls it; all get the same answer)."""
+    """Tune the micro-batch for this run (every rank calls it; all get the same answer). `log` gets the
+    progress (the header, then a line per trial) while the search runs."""
     if not 0.0 <= headroom < 1.0:
         raise UserError(f"headroom={headroom} must be in [0, 1) (a fraction of the budget kept free, e.g. 0.08)")
     if budget_bytes is not None and budget_bytes <= 0:
@@ -796,10 +803,12 @@ def autotune(
 
     runner = TrialRunner(config, env, strategy_name, budget, global_batch, steps)
     model = RunMemoryModel(config, env, strategy_name, runner)
-    runner.predict = model
+    runner.predict, runner.log = model, log
     ac = config.parallel.activation_checkpointing
     start = max(1, model.largest(limit, ac))
     header += f"\nthe memory model predicts micro-batch {start} fits ({model(start, ac) / MB:,.0f} MB); measuring"
+    if log:
+        log(header)
     ac_start = None
     if objective == "throughput" and not ac:
         ac_largest = model.largest(limit, True)
@@ -922,14 +931,19 @@ def measure_sizes(config: Config, env: DistEnv, strategy_name: str, sizes: Seque
 # ================================================================================== entry points
 
 
+def say(line: str) -> None:
+    print(line, flush=True)  # progress must show while the search runs, not when a pipe's buffer fills
+
+
 def autotune_for_training(config: Config, env: DistEnv, strategy_name: str) -> int:
     """`train.micro_batch_size: auto`: tune (or read the cache), print the table on rank 0, record the choice
     in the run directory, and return the micro-batch. The budget is train.memory_budget_gb (0 = the device:
     the whole GPU; on CPU this process's share of the available RAM), the headroom train.memory_headroom."""
     t = config.train
-    report = autotune(config, env, strategy_name, budget_bytes=t.memory_budget_gb * GB or None, headroom=t.memory_headroom)
+    log = say if env.is_main else None
+    report = autotune(config, env, strategy_name, budget_bytes=t.memory_budget_gb * GB or None, headroom=t.memory_headroom, log=log)
     if env.is_main:
-        print(report.render(), flush=True)
+        say(report.render())
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "autotune.json").write_text(json.dumps(outcome_to_json(report.outcome), indent=1))
     return report.outcome.micro_batch
@@ -972,9 +986,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
     try:
         report = autotune(config, env, resolve_strategy_name(config, env), budget_bytes=args.memory_budget_gb * GB or None,
-                          headroom=args.headroom, objective=args.objective, use_cache=not args.no_cache, steps=args.trial_steps)
+                          headroom=args.headroom, objective=args.objective, use_cache=not args.no_cache, steps=args.trial_steps,
+                          log=say if env.is_main else None)
         if env.is_main:
-            print(report.render(), flush=True)
+            say(report.render())
     finally:
         destroy_distributed()
 

@@ -13,8 +13,6 @@ does not hang CI.
 from __future__ import annotations
 
 import json
-import os
-import random
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO, TINY_MODEL, read_jsonl, subprocess_env
 from dist_gpt.config import load_config
 from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
@@ -32,7 +31,6 @@ from dist_gpt.parallel import build_strategy, resolve_strategy_name
 from dist_gpt.parallel.base import apply_activation_checkpointing
 from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV, load_ds_config, resolve_ds_config
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per launch; a healthy one takes 10-40 s on 2 busy cores
 STEPS = 10
 LOSS_REL_TOL = 1e-4
@@ -41,11 +39,7 @@ LOSS_REL_TOL = 1e-4
 # the norm sees and the loss hardly does. Seen: up to 3e-4 apart by step 10 (FSDP, ZeRO) with losses 2e-7 apart.
 GRAD_NORM_REL_TOL = 1e-3
 
-TRAIN_OVERRIDES = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
+TRAIN_OVERRIDES = TINY_MODEL + [
     "train.micro_batch_size=2",
     "train.global_batch_size=8",
     f"train.max_steps={STEPS}",
@@ -69,13 +63,13 @@ def deepspeed_launcher() -> list[str]:
 
 
 # name -> (launcher, ds_config, overrides). Variants ride on runs that exist anyway, to keep the launches few:
-# the 1-process FSDP run also checks reshard_after_forward=False and activation checkpointing; ZeRO-3 runs
+# the 1-process FSDP run also checks reshard_after_forward=False, activation checkpointing and CPU offload; ZeRO-3 runs
 # with activation checkpointing (the recompute in backward must find the parameters gathered again).
 RUNS = {
     "single": (lambda: [sys.executable], None, []),
     "ddp": (lambda: TORCHRUN, None, ["parallel.strategy=ddp"]),
     "fsdp": (lambda: TORCHRUN, None, ["parallel.strategy=fsdp"]),
-    "fsdp-1proc": (lambda: [sys.executable], None, ["parallel.strategy=fsdp", "parallel.fsdp_reshard_after_forward=false", "parallel.activation_checkpointing=true"]),
+    "fsdp-1proc": (lambda: [sys.executable], None, ["parallel.strategy=fsdp", "parallel.fsdp_reshard_after_forward=false", "parallel.activation_checkpointing=true", "parallel.fsdp_cpu_offload=true"]),
     "zero1": (deepspeed_launcher, "zero1", []),
     "zero2": (deepspeed_launcher, "zero2", []),
     "zero3+ac": (deepspeed_launcher, "zero3", ["parallel.activation_checkpointing=true"]),
@@ -118,40 +112,25 @@ class Launcher:
             flags = ["--config", "bible-tiny"] + (["--ds_config", f"ds_configs/{ds_config}.json"] if ds_config else [])
             run_overrides = [f"data.dir={self.data_dir}", f"train.out_dir={self.out_dir}", f"train.run_name={name}"]
             cmd = [*launcher(), "launch/train.py", *flags, *TRAIN_OVERRIDES, *overrides, *run_overrides]
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": "1",  # 2 ranks on 2 cores; the deepspeed launcher does not set it like torchrun
-                SKIP_SHM_BUILD_ENV: "1",  # no minute-long g++ build of DeepSpeed's shm op on a fresh machine
-                "PYTHONWARNINGS": "ignore::FutureWarning",
-            }
+            # OMP_NUM_THREADS=1 (in subprocess_env): 2 ranks on 2 cores, and the deepspeed launcher does not set it.
+            # DS_ACCELERATOR=cpu: the deepspeed launcher sets CUDA_VISIBLE_DEVICES for its workers, so on a GPU
+            # machine DeepSpeed would pick CUDA; these runs are CPU/gloo everywhere.
+            env = subprocess_env(**{SKIP_SHM_BUILD_ENV: "1", "DS_ACCELERATOR": "cpu"})
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+                proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
                 returncode, output = proc.returncode, proc.stdout + proc.stderr
             except subprocess.TimeoutExpired as e:
                 out = (e.stdout or b"") + (e.stderr or b"")
                 returncode, output = -1, f"TIMEOUT after {TIMEOUT_S} s: {' '.join(cmd)}\n" + (out.decode(errors="replace") if isinstance(out, bytes) else out)
             metrics = self.out_dir / name / "metrics.jsonl"
-            records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+            records = read_jsonl(metrics) if metrics.is_file() else []
             self.done[name] = Run(name, returncode, output, records)
         return self.done[name]
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """~14k tokens of pseudo-Spanish, prepared by the real pipeline (train.bin / val.bin / meta.json)."""
-    from dist_gpt.data import prepare_dataset
-
-    root = tmp_path_factory.mktemp("parallel_data")
-    rng = random.Random(0)
-    words = "en el principio creo dios los cielos y la tierra luz agua noche dia mar fruto semilla hombre mujer jardin rio camino".split()
-    paragraphs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(200)]
-    (root / "corpus.txt").write_text("\n\n".join(paragraphs))
-    prepare_dataset(str(root / "corpus.txt"), root / "data", val_fraction=0.1)
-    return root / "data"
-
-
-@pytest.fixture(scope="session")
 def launch(tiny_data, tmp_path_factory) -> Launcher:
+    """tiny_data (conftest): a small corpus prepared by the real pipeline, shared with the other test files."""
     return Launcher(tiny_data, tmp_path_factory.mktemp("parallel_runs"))
 
 
@@ -211,7 +190,7 @@ def test_deepspeed_without_ds_config_is_a_user_error():
 
 
 def test_deepspeed_without_ds_config_from_the_command_line():
-    proc = subprocess.run([sys.executable, "launch/train.py", "parallel.strategy=deepspeed"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "launch/train.py", "parallel.strategy=deepspeed"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "needs a DeepSpeed config" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -241,7 +220,7 @@ def resolve(ds: dict, *overrides: str, world: int = 2, micro: int = 4, accum: in
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3-offload"])
 def test_shipped_ds_configs_fill_every_auto(name):
-    ds = resolve(load_ds_config(str(ROOT / "ds_configs" / f"{name}.json")), "train.grad_clip=0.5")
+    ds = resolve(load_ds_config(str(REPO / "ds_configs" / f"{name}.json")), "train.grad_clip=0.5")
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 4 * 2 * 2
