@@ -54,8 +54,14 @@ def build_model(config: Config) -> GPT:
     from dist_gpt import pretrained
 
     if source.endswith(".safetensors"):
-        return pretrained.load_exported(source, **overrides)
-    return pretrained.load_hf_gpt2(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
+        model = pretrained.load_exported(source, **overrides)
+    else:
+        model = pretrained.load_hf_gpt2(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
+    # The run's config must describe the model it trains: checkpoints, exports and FLOP counts are built from it.
+    mismatched = [f"{k}={getattr(model.config, k)}" for k in ("n_layer", "n_head", "n_embd", "position") if getattr(model.config, k) != getattr(config.model, k)]
+    if mismatched:
+        raise UserError(f"model.init_from={source} is a model with {', '.join(mismatched)}, which the config does not say: set those model.* keys (or the matching model.preset)")
+    return model
 
 
 def make_optimizer_factory(config: Config, device: torch.device):

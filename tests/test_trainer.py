@@ -77,3 +77,30 @@ def test_plot_writes_a_png(tiny_data, tmp_path):
     run_python(["-m", "dist_gpt.plot", str(tmp_path / "run")])
     png = (tmp_path / "run" / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fine_tune_from_a_local_hugging_face_gpt2(tiny_data, tmp_path):
+    """model.init_from=<HF dir> into the RoPE model: the run starts from those weights (wpe excepted)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dist_gpt.checkpoint import consolidated_state_dict
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+    hf.save_pretrained(tmp_path / "hf")
+    overrides = tiny_overrides(tiny_data, tmp_path, "ft", train__max_steps=1, train__lr=1e-12, train__min_lr=0.0, train__weight_decay=0.0)
+    train(load_config("gpt2-finetune-bible", overrides + [f"model.init_from={tmp_path / 'hf'}", "model.loss_chunk_tokens=64"]))
+    _, state = consolidated_state_dict(tmp_path / "ft")
+    expected = hf.transformer.h[1].mlp.c_fc.weight.detach().t()  # HF's Conv1D stores (in, out)
+    assert torch.allclose(state["h.1.mlp.c_fc.weight"], expected, atol=1e-6)
+    assert torch.allclose(state["wte.weight"][:50257], hf.transformer.wte.weight.detach(), atol=1e-6)
+
+
+def test_init_from_a_model_the_config_does_not_describe(tiny_data, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
+    config = load_config("bible-tiny", tiny_overrides(tiny_data, tmp_path) + [f"model.init_from={tmp_path / 'hf'}"])
+    with pytest.raises(UserError, match="n_layer=3, which the config does not say"):
+        train(config)
