@@ -6,14 +6,7 @@ import torch
 from dist_gpt.model import GPT2_VOCAB_SIZE, GPT, GPTConfig, RotaryEmbedding, preset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small run faster on one thread than on several contending for 2 shared cores.
-    (A candidate for a shared tests/conftest.py.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> GPTConfig:

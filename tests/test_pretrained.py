@@ -18,13 +18,7 @@ transformers = pytest.importorskip("transformers")
 N_LAYER, N_HEAD, N_EMBD, N_POSITIONS = 2, 2, 32, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small run faster on one thread than on several contending for 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
