@@ -7,7 +7,7 @@ tensor terms are checked against that exactly, and the gap to the resident peak 
 
     python benchmarks/memory_model.py                          # the calibration set (tests/test_autotune.py: within 15%)
     python benchmarks/memory_model.py --live                   # + live-tensor peaks
-    python benchmarks/memory_model.py --config bible-seed --sizes 1 4 16 [section.key=value ...]
+    python benchmarks/memory_model.py --config bible-seed --sizes 1,4,16 [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dist_gpt.distributed import init_distributed
 from dist_gpt.parallel import resolve_strategy_name
 
 # Small enough for a few seconds per trial on 2 CPU cores, different enough to exercise the terms: RoPE vs
-# learned positions, chunked vs plain loss, one chunk vs several, 2 vs 4 layers.
+# learned positions, chunked vs plain loss (one chunk buffer whatever the batch vs N x V logits growing with
+# it), 2 vs 4 layers. tests/test_autotune.py holds the model to these.
 CALIBRATION: dict[str, tuple[dict, list[int]]] = {
     "rope-chunked": (dict(n_layer=2, n_head=2, n_embd=256, block_size=256, vocab_size=16384, tokenizer_vocab_size=16384, loss_chunk_tokens=1024), [1, 4, 16]),
     "learned-plain": (dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=8192, tokenizer_vocab_size=8192, position="learned", loss="plain"), [2, 8, 32]),
@@ -75,7 +76,7 @@ def report(config: Config, sizes: list[int], live: bool) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a preset or YAML (default: the calibration set)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--sizes", type=lambda text: [int(s) for s in text.split(",")], default=[1, 4, 16], help="micro-batches, comma-separated")
     parser.add_argument("--live", action="store_true", help="CPU: also the live-tensor peak (profiler)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

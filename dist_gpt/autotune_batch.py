@@ -15,22 +15,26 @@ and the highest rank's measured peak is at most budget x (1 - headroom). The pea
   context and other processes on the card: total - free - reserved, measured before the trials); a budget
   below the card is enforced with set_per_process_memory_fraction, so it runs out where a card of that size would;
 - CPU: the trial process's peak resident set (VmHWM; the malloc tuning of dist_gpt.runtime applied, as in
-  training). Peaks cannot be reset in a process, so every CPU trial runs in a fresh subprocess; there is no
-  out-of-memory on CPU (the kernel would swap or kill), so the limit alone decides, and a trial whose
-  predicted peak exceeds the RAM left is not run.
+  training). Peaks cannot be reset in a process, so every CPU trial runs in a fresh subprocess. CPU has no
+  out-of-memory of its own (the kernel would swap or kill), so the limit alone decides; as safety nets a
+  trial whose predicted peak exceeds the RAM left is not run, and a trial's heap is capped (RLIMIT_DATA,
+  2 x the budget; DIST_GPT_TRIAL_DATA_LIMIT_MB to set it) so that running past it is an out-of-memory.
 A trial does as many micro-batches per optimizer step as training will (2 at most: from the second on the
 previous gradients are alive during forward, and nothing changes after that).
 
 Out-of-memory policy: an OOM is retried once, after a full cleanup; a size that runs out twice in a row does
 not fit. A single OOM can come from outside the step (memory a previous trial had not yet returned, another
 process's transient use, fragmentation) and would otherwise make the tuner settle far below what fits; a
-second one is real. A peak over the limit without OOM is not retried: the measurement repeats to within a
-few percent, which the headroom absorbs.
+second one is real. Once one has repeated, the card is known to run out below the limit (the caching
+allocator's reserve exceeds what is allocated), and later OOMs in the search are taken at their word.
+A peak over the limit without OOM is not retried: it repeats to within a few percent (on CPU, see
+dist_gpt.memory on the heap; rare outliers reach +5-15%), which the headroom absorbs.
 
 Several ranks (torchrun): every rank runs every trial, each in its own subprocess joined in a process group
 of its own, so a rank that runs out mid-collective can never leave the training process group out of step;
-a rank whose trial fails tells the others through a store and their trials are stopped rather than left
-waiting. The ranks then all_reduce(MAX) the outcome (OOM flag, peak, slowest step) so all choose alike.
+a rank whose trial runs out (or fails) counts it in a store that every rank's tuner watches, and the other
+trials, stuck in a collective with a rank that is gone (or failing because of it), are stopped and count as
+out of memory too. The ranks then all_reduce(MAX) the outcome (OOM flag, peak, slowest step) so all agree.
 
 The choice keeps the optimization unchanged: grad-accum = global batch / (micro-batch x world), so the
 micro-batch must divide global batch / world; the largest fitting one that does is taken (and said so).
@@ -44,10 +48,12 @@ objective) in $DIST_GPT_CACHE/autotune/ (default ~/.cache/dist_gpt/autotune/): a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -72,6 +78,10 @@ NO_GLOBAL_BATCH_CAP = 1 << 16  # largest micro-batch tried when the global batch
 THROUGHPUT_CANDIDATES = 3  # valid sizes (from the largest down) whose speed --objective throughput compares
 TRIAL_TIMEOUT_S = 900  # a trial that takes longer is killed (and the tuning stops with the reason)
 PEER_FAILURE_GRACE_S = 10  # after a peer's trial failed, how long ours may still finish on its own
+# A CPU trial process may not grow its heap past this (RLIMIT_DATA), so a size far past the budget fails
+# as out of memory instead of swapping the machine: DIST_GPT_TRIAL_DATA_LIMIT_MB, else this x the budget.
+TRIAL_DATA_LIMIT_ENV = "DIST_GPT_TRIAL_DATA_LIMIT_MB"
+TRIAL_DATA_LIMIT_X_BUDGET = 2.0
 MB, GB = memory.MB, memory.GB
 
 
@@ -146,21 +156,24 @@ def search_largest(
 ) -> Search:
     """The largest micro-batch in [1, max_micro_batch] whose trial fits under limit_bytes, found with as few
     trials as possible. Keeps a bracket: `lo` fits (0 = nothing fits yet), `hi` does not (max+1 = nothing
-    failed yet). Grows by doubling (or up to 4x when aiming), shrinks by at most halving, and aims at where the
-    line through the measured peaks crosses the limit; when two aims in a row fail to halve the bracket,
-    the next step bisects, so the trial count stays logarithmic even if the peaks are noisy or not linear."""
+    failed yet). Grows by at most doubling, shrinks by at most halving, and in between aims where the line
+    through the measured peaks crosses the limit. It bisects instead when `hi` ran out
+    of memory (no peak to draw a line to: the card ran out below the limit) and when two aims in a row
+    failed to halve the bracket, so the trial count stays logarithmic even if peaks are noisy or not linear."""
     lo, hi = 0, max_micro_batch + 1
     tried: list[Tried] = []
     peaks: dict[int, int] = {}  # size -> measured peak, for the interpolation
     candidate = max(1, min(start, max_micro_batch))
     aimed = False  # whether `candidate` came from the interpolation (else doubling/halving/bisection)
     stalls = 0  # aimed steps in a row that did not halve the bracket
+    oom_confirmed = False  # an OOM has repeated: later ones above the largest fit are where the card runs out
     while hi - lo > 1 and len(tried) < max_trials:
         width = hi - lo
-        row = _measure(trial, candidate, limit_bytes)
+        row = _measure(trial, candidate, limit_bytes, retry_oom=not oom_confirmed)
         row.predicted_bytes = predict_bytes(candidate) if predict_bytes else 0.0
         row.checkpointing = checkpointing
         tried.append(row)
+        oom_confirmed = oom_confirmed or (row.retried and row.result.oom)
         if not row.result.oom:
             peaks[candidate] = row.result.peak_bytes
         lo, hi = (candidate, hi) if row.fits else (lo, candidate)
@@ -169,9 +182,9 @@ def search_largest(
     return Search(lo, tried)
 
 
-def _measure(trial: Callable[[int], TrialResult], micro_batch: int, limit_bytes: float) -> Tried:
+def _measure(trial: Callable[[int], TrialResult], micro_batch: int, limit_bytes: float, retry_oom: bool = True) -> Tried:
     result = trial(micro_batch)
-    retried = result.oom and not result.skipped
+    retried = retry_oom and result.oom and not result.skipped
     if retried:  # see the module docstring: one retry, then an OOM is real
         result = trial(micro_batch)
     if result.failed:
@@ -185,28 +198,32 @@ def _measure(trial: Callable[[int], TrialResult], micro_batch: int, limit_bytes:
 
 
 def _next_candidate(lo, hi, max_micro_batch, peaks, limit_bytes, predict_bytes, bisect: bool) -> tuple[int, bool]:
-    if hi > max_micro_batch:  # nothing failed yet: double, or aim up to 4x (a line can be wrong far out)
-        floor, ceiling, fallback = lo + 1, min(max_micro_batch, 4 * lo), min(max_micro_batch, 2 * lo)
+    if hi > max_micro_batch:  # nothing failed yet: aim, but never past doubling (two close peaks on a noisy
+        # device can draw an almost flat line that aims far past the budget: on CPU, seconds of swapping)
+        floor, ceiling, fallback = lo + 1, min(max_micro_batch, 2 * lo), min(max_micro_batch, 2 * lo)
+        line = _nearest_two(peaks, limit_bytes)
     elif lo == 0:  # nothing fit yet: shrink, at most halving
         floor, ceiling, fallback = max(1, hi // 2), hi - 1, max(1, hi // 2)
-    else:
+        line = _nearest_two(peaks, limit_bytes)
+    else:  # a bracket: the line through its two ends, if the failing end has a peak (did not run out)
         floor, ceiling, fallback = lo + 1, hi - 1, (lo + hi) // 2
-    aim = None if bisect else _crossing(peaks, limit_bytes, predict_bytes)
+        line = [lo, hi] if hi in peaks else None
+    aim = None if bisect or not line else _crossing(line, peaks, limit_bytes, predict_bytes)
     if aim is None:
         return fallback, False
     return int(min(max(math.floor(aim), floor), ceiling)), True
 
 
-def _crossing(peaks: dict[int, int], limit_bytes: float, predict_bytes) -> float | None:
-    """The size where the peak is predicted to reach the limit: the line through the two measured peaks
-    nearest the limit, or through the nearest one with the memory model's slope when there is one point."""
-    if not peaks:
-        return None
-    nearest = sorted(peaks, key=lambda b: abs(peaks[b] - limit_bytes))[:2]
-    b0 = nearest[0]
-    if len(nearest) == 2:
-        b1 = nearest[1]
-        slope = (peaks[b1] - peaks[b0]) / (b1 - b0)
+def _nearest_two(peaks: dict[int, int], limit_bytes: float) -> list[int]:
+    return sorted(peaks, key=lambda b: abs(peaks[b] - limit_bytes))[:2]
+
+
+def _crossing(sizes: list[int], peaks: dict[int, int], limit_bytes: float, predict_bytes) -> float | None:
+    """The size where the peak reaches the limit: on the line through the measured peaks of two sizes, or
+    through one with the memory model's slope."""
+    b0 = sizes[0]
+    if len(sizes) == 2:
+        slope = (peaks[sizes[1]] - peaks[b0]) / (sizes[1] - b0)
     elif predict_bytes is not None:
         slope = (predict_bytes(b0 + max(1, b0)) - predict_bytes(b0)) / max(1, b0)
     else:
@@ -462,7 +479,8 @@ class TrialRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            oom, speed = run_steps(config, self.env, micro_batch, self.micro_steps(micro_batch), self.steps)
+            with contextlib.redirect_stdout(io.StringIO()):  # the strategies' notices, once per trial: noise here
+                oom, speed = run_steps(config, self.env, micro_batch, self.micro_steps(micro_batch), self.steps)
             peak = torch.cuda.max_memory_allocated(device)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)  # training itself runs unconstrained
@@ -498,6 +516,7 @@ class TrialRunner:
                 "device": str(env.device),
                 "dtype": {torch.bfloat16: "bf16", torch.float32: "fp32"}[env.compute_dtype],
                 "store": [self.store_host, self.store.port, f"trial{self.count}"] if self.store else None,
+                "data_limit_bytes": self._data_limit_bytes(),
                 "result": str(Path(tmp) / "result.json"),
             }
             spec_path = Path(tmp) / "spec.json"
@@ -511,15 +530,33 @@ class TrialRunner:
                 data = json.loads(result_path.read_text())
                 if env.device.type == "cpu":
                     self.overhead_bytes = data["overhead_bytes"]
-                return TrialResult(**data["result"])
-            if ending == "peer failed":  # ours was waiting on a rank that ran out: it did not fit either
-                return TrialResult(micro_batch, oom=True, note="stopped: another rank's trial failed")
-            if ending == "timed out":
-                return TrialResult(micro_batch, failed=True, note=f"TimeoutError: the trial took over {TRIAL_TIMEOUT_S} s")
-            if proc.returncode == -9:  # SIGKILL that we did not send: the kernel's OOM killer
-                return TrialResult(micro_batch, oom=True, note="killed (the kernel's OOM killer?)")
-            tail = log_path.read_text()[-2000:].strip().splitlines()
-            return TrialResult(micro_batch, failed=True, note=f"trial process exited with {proc.returncode}: {tail[-1] if tail else ''}")
+                result = TrialResult(**data["result"])
+            elif ending == "timed out":
+                result = TrialResult(micro_batch, failed=True, note=f"TimeoutError: the trial took over {TRIAL_TIMEOUT_S} s")
+            elif ending == "peer failed":  # told apart below: a peer that ran out, or one that failed
+                result = TrialResult(micro_batch, failed=True, note="stopped: another rank's trial failed")
+            elif proc.returncode in (-6, -9) and spec["data_limit_bytes"]:  # an allocation past RLIMIT_DATA that aborted
+                result = TrialResult(micro_batch, oom=True, note=f"killed by signal {-proc.returncode} at the heap cap")
+            elif proc.returncode == -9:  # a SIGKILL that we did not send: the kernel's OOM killer
+                result = TrialResult(micro_batch, oom=True, note="killed (the kernel's OOM killer?)")
+            else:
+                tail = log_path.read_text()[-2000:].strip().splitlines()
+                result = TrialResult(micro_batch, failed=True, note=f"trial process exited with {proc.returncode}: {tail[-1] if tail else ''}")
+        if result.failed and self._peer_ran_out(spec["store"]):
+            # Ours was stuck in (or broken by) a collective with a rank that ran out: it did not fit either.
+            return TrialResult(micro_batch, oom=True, note="stopped: another rank ran out of memory")
+        return result
+
+    def _data_limit_bytes(self) -> int | None:
+        if self.env.device.type != "cpu":
+            return None
+        if os.environ.get(TRIAL_DATA_LIMIT_ENV):
+            return int(float(os.environ[TRIAL_DATA_LIMIT_ENV]) * MB)
+        return int(TRIAL_DATA_LIMIT_X_BUDGET * self.budget_bytes) if math.isfinite(self.budget_bytes) else None
+
+    def _peer_ran_out(self, store_spec) -> bool:
+        """Whether another rank's trial reported running out (ours failed, so the count is not ours)."""
+        return bool(store_spec) and self.store.add(f"{store_spec[2]}/oom", 0) > 0
 
     def _wait(self, proc: subprocess.Popen, prefix: str | None) -> str:
         """Wait for the trial: 'exited', or 'peer failed' / 'timed out' when we had to kill it (a peer's
@@ -533,7 +570,7 @@ class TrialRunner:
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
-            if prefix and peer_failed_at is None and self.store.check([f"{prefix}/failed"]):
+            if prefix and peer_failed_at is None and self.store.add(f"{prefix}/oom", 0) + self.store.add(f"{prefix}/failed", 0) > 0:
                 peer_failed_at = now
             if now > deadline or (peer_failed_at is not None and now - peer_failed_at > PEER_FAILURE_GRACE_S):
                 proc.kill()
@@ -585,7 +622,7 @@ def agree_across_ranks(result: TrialResult, env: DistEnv) -> TrialResult:
     Every rank reaches this call whether its trial ran, ran out or failed, so no rank is left waiting."""
     vector = max_over_ranks(result.as_vector(), env)
     agreed = TrialResult.from_vector(result.micro_batch, vector, result.note)
-    if not result.note and (agreed.oom or agreed.failed):
+    if (agreed.oom and not result.oom) or (agreed.failed and not result.failed):
         agreed.note = "on another rank"
     return agreed
 
@@ -604,14 +641,19 @@ def trial_main(spec_path: str) -> None:
     config = from_dict(spec["config"])
     env = DistEnv(rank=spec["rank"], local_rank=spec["local_rank"], world_size=spec["world_size"], device=device,
                   compute_dtype=torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
     store = _join_trial_group(spec, env) if spec["store"] else None
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         overhead = cuda_overhead_bytes(device)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, spec["budget_bytes"] - overhead) / total), device)
     else:
         overhead = resident_bytes()  # python + torch + dist_gpt imported, nothing computed: the idle process
+        if spec["data_limit_bytes"]:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_DATA, (spec["data_limit_bytes"], spec["data_limit_bytes"]))
     result = TrialResult(spec["micro_batch"])
     try:
         result.oom, result.tokens_per_s = run_steps(config, env, spec["micro_batch"], spec["micro_steps"], spec["steps"])
@@ -620,7 +662,7 @@ def trial_main(spec_path: str) -> None:
     if not (result.oom or result.failed):
         result.peak_bytes = torch.cuda.max_memory_allocated(device) + overhead if device.type == "cuda" else memory.peak_resident_bytes()
     if store is not None and (result.oom or result.failed):
-        store.set(f"{spec['store'][2]}/failed", "1")
+        store.add(f"{spec['store'][2]}/{'oom' if result.oom else 'failed'}", 1)  # the other ranks' tuners watch these
     Path(spec["result"]).write_text(json.dumps({"result": dataclasses.asdict(result), "overhead_bytes": overhead}))
     sys.stdout.flush()
     os._exit(0)  # no process-group teardown: a peer that ran out may never answer
@@ -642,9 +684,13 @@ def _join_trial_group(spec: dict, env: DistEnv):
 # ================================================================================== budget, model, cache
 
 
+CPU_BUDGET_STEP = 256 * MB  # the default CPU budget is rounded down to this: the same answer (and cache) run after run
+
+
 def default_budget_bytes(env: DistEnv) -> float:
     """The whole card on CUDA. On CPU, the RAM this process may grow into: what it holds now plus its share
-    (over the ranks on this host) of what is available, within a cgroup limit if one is set."""
+    (over the ranks on this host) of what is available, within a cgroup limit if one is set; rounded down to
+    CPU_BUDGET_STEP, since what is available moves a little from one run to the next."""
     if env.device.type == "cuda":
         return torch.cuda.get_device_properties(env.device).total_memory
     import psutil
@@ -654,7 +700,8 @@ def default_budget_bytes(env: DistEnv) -> float:
     if cgroup_room is not None:
         available = min(available, cgroup_room)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-    return resident_bytes() + available / max(1, local_ranks)
+    share = resident_bytes() + available / max(1, local_ranks)
+    return max(CPU_BUDGET_STEP, share // CPU_BUDGET_STEP * CPU_BUDGET_STEP)
 
 
 def _cgroup_room_bytes() -> int | None:

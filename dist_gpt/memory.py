@@ -15,7 +15,7 @@ matrix once), W = world size; `a` = bytes of the compute dtype (4 fp32, 2 bf16),
 residual stream between blocks (4 under autocast, whose parameters stay fp32; 2 when the strategy casts
 the parameters themselves: FSDP mixed precision, DeepSpeed bf16).
 
-The parallel strategy decides where parameters, gradients and optimizer states live (see SHARDING): every
+The parallel strategy decides where parameters, gradients and optimizer states live (`sharding_for`): every
 rank keeps all of it (single, ddp), or 1/W of some of it (ZeRO-1/2/3, FSDP), or none of it on the device
 (CPU offload). Activations are never sharded: each rank runs its own micro-batch.
 
@@ -302,9 +302,9 @@ def predict(
     # End of backward: every gradient exists (and the embedding's dense V x C gradient is being summed into
     # the tied weight's, fp32) while activations are gone.
     embedding_grad = 0 if s.params_offloaded else V * C * 4
-    # AdamW step: foreach on CPU allocates one parameter-sized temporary (sqrt of exp_avg_sq); fused CUDA
-    # kernels and DeepSpeed's optimizers step in place.
-    step_temp = P * 4 if device == "cpu" and strategy in ("single", "ddp") else 0
+    # AdamW step: foreach on CPU allocates one temporary the size of the parameters it steps (sqrt of
+    # exp_avg_sq); fused CUDA kernels and DeepSpeed's optimizers step in place.
+    step_temp = share(P * 4, s.optim_sharded, s.optim_offloaded) if device == "cpu" and not strategy.startswith("zero") else 0
     phases = {
         "forward": (states, carried_grads, activations, forward + gathered),
         "backward": (states, carried_grads, activations, backward + gathered + unsharded_grad),

@@ -3,8 +3,9 @@
 The search and the choice are pure functions over a trial callable, so most tests drive them with simulated
 devices: exact, noisy, flaky, or two ranks that disagree. The rest measure for real on CPU, with shapes small
 enough for a few seconds per trial: the model's saved-activation arithmetic byte for byte, its live-tensor
-peak against the profiler, its resident-set prediction within 15%, and a whole tuning whose pick is checked
-in fresh processes.
+peak against the profiler, its resident-set prediction within 15%, a whole tuning whose pick is checked in
+fresh processes, two real ranks of which one runs out, the CLI's error and the trainer's `auto`. The CUDA
+tests (kernels' saved bytes, the model against max_memory_allocated, OOM recovery) skip without a GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import types
 import pytest
 import torch
 
-from conftest import run_python, tiny_overrides
+from conftest import REPO, run_python, tiny_overrides
 from dist_gpt import memory
 from dist_gpt.autotune_batch import (
     NO_GLOBAL_BATCH_CAP,
@@ -67,9 +68,6 @@ class SimulatedDevice:
         speed = 1000.0 * b / (1 + (b / self.fastest) ** 2) if self.fastest else 1000.0 * b
         return TrialResult(b, int(peak), tokens_per_s=speed * (0.8 if checkpointing else 1.0))
 
-    def largest_under(self, limit: float) -> int:
-        return int((limit - self.base) // self.per_sample)
-
 
 LIMIT = 1500 * MB  # with the default device: micro-batch 50 is exactly at the limit
 
@@ -93,7 +91,9 @@ def test_search_respects_the_cap_and_real_ooms():
     search = search_largest(device, LIMIT, 40, max_micro_batch=NO_GLOBAL_BATCH_CAP)
     assert search.largest == 30
     oom_rows = [row for row in search.tried if row.result.oom]
-    assert oom_rows and all(row.retried and row.outcome == "OOM (twice)" for row in oom_rows)  # each OOM retried once
+    assert oom_rows[0].retried and oom_rows[0].outcome == "OOM (twice)"  # retried once, then confirmed
+    assert not any(row.retried for row in oom_rows[1:])  # the card's real limit is known: no more retries
+    assert len(device.calls) <= 10, device.calls
     capped = search_largest(SimulatedDevice(), LIMIT, 40, max_micro_batch=32)
     assert capped.largest == 32 and max(row.micro_batch for row in capped.tried) == 32
 
@@ -159,6 +159,36 @@ def test_all_reduce_agreement_between_two_processes(tmp_path):
     assert results[0]["oom"] and results[1]["oom"]
     assert results[0]["peak_bytes"] == results[1]["peak_bytes"] == 900 * MB
     assert results[0]["note"] == "on another rank" and results[1]["note"] == "CUDA out of memory"
+
+
+def test_two_ranks_on_cpu_when_one_runs_out(tmp_path):
+    """Two DDP ranks launched as torchrun would; rank 1's trial processes have a small heap cap, so from
+    some size on only rank 1 runs out. Rank 0's trial is then stuck in (or broken by) DDP's all-reduce with
+    a rank that is gone: it is stopped, counted as out of memory too, and both ranks choose the same size
+    without hanging."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = ["model.n_layer=2", "model.n_head=2", "model.n_embd=128", "model.block_size=128", "model.vocab_size=4096", "model.tokenizer_vocab_size=4096"]
+    command = [sys.executable, "-m", "dist_gpt.autotune_batch", "--config", "bible-tiny", "--strategy", "ddp", "--memory-budget-gb", "2",
+               "--trial-steps", "2", "train.device=cpu", "train.global_batch_size=128", *model]
+    common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", DIST_GPT_CACHE=str(tmp_path))
+    ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=subprocess_env(**common, RANK=str(r), LOCAL_RANK=str(r), **({"DIST_GPT_TRIAL_DATA_LIMIT_MB": "470"} if r else {})))
+             for r in range(2)]
+    outputs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert "another rank ran out of memory" in outputs[0]  # rank 0 printed the table: its trials were stopped
+    choice = next(line for line in outputs[0].splitlines() if line.startswith("choice:"))
+    assert "x world 2 = global batch 128" in choice
+    cached = json.loads(next(tmp_path.glob("autotune/*.json")).read_text())["outcome"]
+    assert any(row["result"]["oom"] for row in cached["tried"]) and cached["largest"] < 64
 
 
 # ============================================================================ the choice
@@ -264,7 +294,8 @@ def test_block_activations_byte_for_byte_cuda(position, attn_backend, dropout):
                        position=position, attn_backend=attn_backend, dropout=dropout)
     block = Block(config).cuda().train()
     measured = saved_tensor_bytes(block, torch.randn(B, T, C, device="cuda", requires_grad=True), autocast=True)
-    assert memory.block_activation_bytes(config, B * T, 2, 4, "cuda", True) == measured
+    # the fused kernels also save their RNG seed and offset (and the like): a few scalars, not modelled
+    assert memory.block_activation_bytes(config, B * T, 2, 4, "cuda", True) == pytest.approx(measured, abs=64)
 
 
 def test_strategies_divide_what_they_shard():
@@ -307,39 +338,34 @@ def test_largest_fitting_and_table():
 
 # ============================================================================ measured on CPU
 
-# Two shapes for the measured tests: RoPE + chunked loss (one chunk buffer, whatever the batch) and learned
-# positions + plain loss (N x V logits grow with the batch). The same set as benchmarks/memory_model.py.
-SHAPES = {
-    "rope-chunked": (dict(n_layer=2, n_head=2, n_embd=256, block_size=256, vocab_size=16384, tokenizer_vocab_size=16384), [1, 4, 16]),
-    "learned-plain": (dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=8192, tokenizer_vocab_size=8192, position="learned", loss="plain"), [2, 8, 32]),
-}
+def _load_benchmark():
+    """benchmarks/memory_model.py: its calibration shapes and live-tensor measurement are the ones tested here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_model_benchmark", REPO / "benchmarks" / "memory_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_benchmark()
+SHAPES = benchmark.CALIBRATION  # RoPE + chunked loss, learned positions + plain loss; 3 sizes each
 # For the whole tuning: activations dominate (~27 MB per sequence), the loss's buffers are small, so the
 # boundary between two sizes is well clear of the resident peak's run-to-run noise (~1%).
 TUNED_SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096, tokenizer_vocab_size=4096)
 
 
-def cpu_config(name: str, **train):
-    model = SHAPES[name][0] if name in SHAPES else TUNED_SHAPE
-    return from_dict({"name": name, "model": model, "train": {"device": "cpu", **train}})
+def cpu_config(name: str):
+    return benchmark.calibration_config(name) if name in SHAPES else from_dict({"name": name, "model": TUNED_SHAPE, "train": {"device": "cpu"}})
 
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_live_tensor_peak_matches_the_profiler(name):
     """The tensor terms alone (no overhead, no heap slack) against the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from dist_gpt.autotune_batch import run_steps
-
     config = cpu_config(name)
     for size in SHAPES[name][1][:2]:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run_steps(config, DistEnv(), size, micro_steps=1, steps=2)
-        live = peak = 0
-        for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-            live += event.nbytes()
-            peak = max(peak, live)
         predicted = memory.predict(config.model.gpt_config(), size, device="cpu", overhead_bytes=0).tensors
-        assert predicted == pytest.approx(peak, rel=0.03), f"{name} micro-batch {size}"
+        assert predicted == pytest.approx(benchmark.live_tensor_peak(config, size), rel=0.03), f"{name} micro-batch {size}"
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -357,8 +383,10 @@ def test_memory_model_within_15_percent_of_measured_cpu_peak(name):
 
 
 def test_tuning_on_cpu_picks_the_largest_that_fits_and_caches(tmp_path, monkeypatch):
-    """A whole tuning against a RAM budget; the pick re-measured in a fresh process stays under the limit and
-    the next size up does not; a second tuning reads the cache."""
+    """A whole tuning against a RAM budget. The pick, re-measured in a fresh process, stays under the budget;
+    the next size up was measured over the limit by the search, and re-measured it is over it too, up to
+    the resident peak's run-to-run noise (a 2-3% spread on this shape, with rarer outliers to +5%: the
+    headroom is there for it). A second tuning reads the cache."""
     monkeypatch.setenv("DIST_GPT_CACHE", str(tmp_path))
     config = cpu_config("tuned")
     env = DistEnv()
@@ -369,10 +397,11 @@ def test_tuning_on_cpu_picks_the_largest_that_fits_and_caches(tmp_path, monkeypa
     limit = budget * 0.92
     pick = report.outcome.micro_batch
     assert report.from_cache is None and 2 <= report.trials <= 8
+    searched = {row.micro_batch: row for row in report.outcome.tried}
+    assert searched[pick].fits and not searched[pick + 1].fits
     (_, at_pick), (_, next_up) = measure_sizes(config, env, "single", [pick, pick + 1], steps=2)
-    noise = 0.02 * limit  # the resident peak repeats to within ~1% on this shape
-    assert at_pick.peak_bytes <= limit + noise
-    assert next_up.peak_bytes > limit - noise
+    assert at_pick.peak_bytes <= budget
+    assert next_up.peak_bytes > limit * 0.95
     text = report.render()
     assert f"train.micro_batch_size={pick}" in text and "over limit" in text
 
