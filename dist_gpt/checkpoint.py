@@ -13,8 +13,11 @@ renames the directory to `step_N/` (atomic on one filesystem) and only then poin
 any moment leaves `latest` on a complete checkpoint; a stale `.tmp` directory is removed by the next save.
 Older checkpoints beyond keep_last_k are deleted only after the new one is published.
 
-Loading never unpickles: model and optimizer tensors come through DCP (tensors only: see Strategy), RNG
-states through `torch.load(weights_only=True)`, everything else (step, data position, config) from JSON.
+Loading never unpickles, except DeepSpeed's own ZeRO files: model and optimizer tensors come through DCP
+(tensors only: see Strategy), RNG states through `torch.load(weights_only=True)`, everything else (step, data
+position, config) from JSON. DeepSpeed checkpoints (parallel.strategy=deepspeed) are DeepSpeed's pickles, which
+DeepSpeed reads with torch.load(weights_only=False): resume or consolidate only ZeRO checkpoints you trust
+(ones you wrote).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -45,6 +49,8 @@ LATEST = "latest"
 # DCP warns on every single-process save/load that it assumes a single process, which is what we mean.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "position", "bias")
+# The files one rank writes: our RNG state, DCP's per-rank shards, DeepSpeed's per-rank ZeRO partitions.
+_WRITER = re.compile(r"rng_rank(\d+)\.pt$|__(\d+)_|(?:bf16_)?zero_pp_rank_(\d+)_")
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -309,12 +315,11 @@ class Checkpointer:
         self._barrier()
 
     def _written_by_me(self, name: str) -> bool:
-        """Who checksums which file: rank r its own RNG file and shard files; rank 0 everything else."""
-        rank = self.env.rank
-        for owner in range(self.env.world_size):
-            if name in (f"rng_rank{owner}.pt",) or name.startswith(f"__{owner}_") or name.startswith(f"ds_rank{owner}_"):
-                return owner == rank
-        return rank == 0
+        """Who checksums which file: the rank that wrote it (on multi-node, a rank may not see another node's
+        files until they are flushed): rank r its RNG file, its DCP shards (__r_*) and its DeepSpeed ZeRO
+        partitions ([bf16_]zero_pp_rank_r_*); rank 0 everything else (DCP's .metadata, mp_rank_00_model_states.pt)."""
+        owner = _WRITER.match(name)
+        return int(next(g for g in owner.groups() if g is not None)) == self.env.rank if owner else self.env.is_main
 
     def _delete_old(self, keep: str) -> None:
         complete = sorted((p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))

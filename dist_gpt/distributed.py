@@ -69,11 +69,16 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (no-op on a world of one)."""
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (no-op on a world of one)."""
     if dist.is_available() and dist.is_initialized():
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if dist.get_backend() != "gloo" else dist.ReduceOp.SUM)
-        if dist.get_backend() == "gloo":
-            value /= dist.get_world_size()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (no-op on a world of one). gloo has no AVG: sum, then divide."""
+    if dist.is_available() and dist.is_initialized():
+        return all_reduce_sum(value) / dist.get_world_size()
     return value

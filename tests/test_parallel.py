@@ -47,7 +47,7 @@ TRAIN_OVERRIDES = TINY_MODEL + [
     "train.lr=3e-3",
     "train.grad_clip=1.0",  # clipping is active at these norms (~1-2): the strategies must clip alike
     "train.eval_every=0",
-    "train.eval_batches=1",
+    "train.eval_batches=3",  # 6 windows: 3 per rank on 2 ranks, in batches of 2 and 1
     "train.device=cpu",
     "train.dtype=fp32",
     "logging.log_every=1",
@@ -147,6 +147,9 @@ def test_strategy_matches_single(launch, name):
             assert got[key] == pytest.approx(ref[key], rel=rel), f"{name} step {got['step']}: {key} {got[key]} vs single {ref[key]}"
     losses = [r["loss"] for r in run.steps()]
     assert losses[-1] < losses[0] - 0.1, f"{name} did not train: {losses}"
+    # The final eval covers the same windows on any world size, dealt out to the ranks.
+    (ref_val,), (got_val,) = ([r["val_loss"] for r in x.records if "val_loss" in r] for x in (reference, run))
+    assert got_val == pytest.approx(ref_val, rel=LOSS_REL_TOL), f"{name}: val loss {got_val} vs single {ref_val}"
 
 
 def test_fsdp_on_one_process_says_unsharded(launch):

@@ -34,10 +34,10 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def window_offsets(seed: int, first_window: int, count: int, num_windows: int) -> np.ndarray:
-    """Start offsets of windows first_window .. first_window+count-1 of the stream for `seed`."""
+def window_offsets(seed: int, window_numbers: np.ndarray, num_windows: int) -> np.ndarray:
+    """Start offsets of the given windows (numbers 0, 1, 2, ... of the stream for `seed`)."""
     key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
-    counters = np.arange(first_window, first_window + count, dtype=np.uint64)
+    counters = np.asarray(window_numbers, dtype=np.uint64)
     with np.errstate(over="ignore"):
         # the key is a random-looking 64-bit number, so the counter ranges of two seeds never overlap in practice
         mixed = _splitmix64(counters + key)
@@ -78,8 +78,13 @@ class TokenLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.windows_consumed + self.rank * self.micro_batch_size
-        offsets = window_offsets(self.seed, first, self.micro_batch_size, self.num_windows)
         self.windows_consumed += self.world_size * self.micro_batch_size
+        return self.windows(np.arange(first, first + self.micro_batch_size))
+
+    def windows(self, numbers: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch made of the given window numbers of this loader's stream (any count), without moving
+        the stream: evaluation uses it to deal one fixed set of windows out to the ranks."""
+        offsets = window_offsets(self.seed, numbers, self.num_windows)
         rows = np.stack([self.tokens[o : o + self.block_size + 1] for o in offsets]).astype(np.int64)
         x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())  # contiguous, as .view needs
         if self.device.type == "cuda":

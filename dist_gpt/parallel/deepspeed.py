@@ -14,7 +14,10 @@ import contextlib
 import copy
 import json
 import logging
+import io
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -194,12 +197,99 @@ class DeepSpeedStrategy(Strategy):
         saved_by, saved_world = manifest.get("strategy"), manifest.get("world_size")
         if saved_by != self.name:
             raise UserError(f"{path} was saved by strategy {saved_by}; a deepspeed run can only resume DeepSpeed checkpoints: resume it with parallel.strategy={saved_by}")
+        load_dir, tag = path.parent, path.name
         if saved_world != self.env.world_size:
-            raise UserError(
-                f"{path} was saved by {saved_world} DeepSpeed ranks, this run has {self.env.world_size}: ZeRO checkpoints are tied to the "
-                f"world size; resume with {saved_world} processes"
-            )
+            # ZeRO partitions are tied to the world size; DeepSpeed's universal checkpoint (one file per
+            # parameter and optimizer moment) is not. Rank 0 converts, every rank loads the conversion.
+            converted = self._to_universal(path, saved_world)
+            load_dir, tag = converted.parent, converted.name
         # Our learning rate comes from the schedule (set_lr every step); DeepSpeed has no scheduler to restore.
-        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        universal = self.engine._config.load_universal_checkpoint
+        self.engine._config.load_universal_checkpoint = tag != path.name
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = universal
+            if tag != path.name:
+                self._barrier()  # every rank has read the conversion
+                if self.env.is_main:
+                    shutil.rmtree(load_dir / tag, ignore_errors=True)
         if load_path is None:
             raise UserError(f"DeepSpeed could not load a checkpoint from {path}")
+
+    def _barrier(self) -> None:
+        if self.env.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _to_universal(self, path: Path, saved_world) -> Path:
+        """Convert `path` (saved by saved_world ranks) to a universal checkpoint in this run's checkpoints/
+        step_N.universal.tmp (the source may be read-only; removed once loaded, else by the next save as any
+        stale step_*.tmp) and return that directory."""
+        import subprocess
+        import sys
+
+        import torch.distributed as dist
+
+        cannot = (
+            f"{path} was saved by {saved_world} DeepSpeed ranks, this run has {self.env.world_size}"
+        )
+        fallback = (
+            f"resume with {saved_world} processes, or carry the weights over: python -m dist_gpt.export {path} --out weights.safetensors, "
+            f"then start a new run with model.init_from=weights.safetensors (the optimizer moments and the data position restart)"
+        )
+        if self.engine.zero_optimization_stage() == 0:
+            raise UserError(f"{cannot}, and ZeRO stage 0 has no universal-checkpoint conversion: {fallback}")
+        out = self.config.run_dir / "checkpoints" / f"{path.name}.universal.tmp"
+        error = ""
+        if self.env.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            print(f"{cannot}: converting it to a universal checkpoint in {out}", flush=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path), "--output_folder", str(out),
+                   "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+                if proc.returncode != 0:
+                    error = (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[-1]
+            except (OSError, subprocess.TimeoutExpired) as e:
+                error = str(e)
+        if self.env.distributed:
+            flag = [error]
+            dist.broadcast_object_list(flag, src=0)
+            error = flag[0]
+        if error:
+            raise UserError(f"{cannot}, and DeepSpeed's universal-checkpoint conversion failed ({error}): {fallback}")
+        return out
+
+
+# ------------------------------------------------------------------------------ consolidation
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # rank 0's: the module (stage 0's whole weights), the ds_config
+_WRAPPER_PREFIXES = re.compile(r"(_orig_mod\.|_checkpoint_wrapped_module\.|_fsdp_wrapped_module\.)")
+
+
+def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a DeepSpeed checkpoint (any ZeRO stage, any world size), in one process with no
+    process group, under our GPT's keys (the tied lm_head.weight included, as GPT.load_state_dict expects).
+
+    Stages 1-3 go through DeepSpeed's zero_to_fp32 (the fp32 master partitions of every rank, stitched);
+    stage 0 keeps the whole module in mp_rank_00_model_states.pt. DeepSpeed's files are pickles, read with
+    torch.load(weights_only=False) by DeepSpeed itself: consolidate only checkpoints you trust."""
+    ckpt_dir = Path(ckpt_dir)
+    model_states = ckpt_dir / MODEL_STATES
+    if not model_states.is_file():
+        raise UserError(f"{ckpt_dir} has no {MODEL_STATES}: not a DeepSpeed checkpoint (or an incomplete one); give another step_* directory")
+    saved = torch.load(model_states, map_location="cpu", weights_only=False)  # DeepSpeed's pickle (see above)
+    stage = int(saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    if stage == 0:
+        state = {k: v.float() for k, v in saved["module"].items()}
+        for alias, source in saved.get("shared_params", {}).items():
+            state.setdefault(alias, state[source])
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines would mix into `sample`'s text
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    return {_WRAPPER_PREFIXES.sub("", k): v for k, v in state.items()}
