@@ -32,7 +32,7 @@ from dist_gpt.distributed import DistEnv, destroy_distributed, init_distributed
 from dist_gpt.errors import UserError, cli
 from dist_gpt.metrics import device_peak_flops
 from dist_gpt.parallel import build_strategy
-from dist_gpt.trainer import build_model, make_optimizer_factory, seed_everything
+from dist_gpt.trainer import build_model, compile_blocks, make_optimizer_factory, seed_everything
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -93,6 +93,8 @@ def build_variant(label: str, base: str, overrides: list[str], malloc: str, env:
     strategy = build_strategy(config, env)
     strategy.configure_batch(micro, 1)
     model = build_model(config)
+    if config.train.compile:
+        compile_blocks(model)
     variant.flops_per_token = model.flops_per_token()
     variant.tokens_per_step = micro * env.world_size * config.model.block_size
     strategy.wrap(model, make_optimizer_factory(config, env.device))

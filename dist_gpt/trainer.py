@@ -64,6 +64,13 @@ def build_model(config: Config) -> GPT:
     return model
 
 
+def compile_blocks(model: GPT) -> None:
+    """torch.compile each transformer block in place: per block works the same under DDP, FSDP and DeepSpeed,
+    and leaves the chunked loss (a custom autograd function) eager."""
+    for block in model.h:
+        block.compile()
+
+
 def make_optimizer_factory(config: Config, device: torch.device):
     """AdamW; weight decay only on matrices (>= 2-D: linear weights, embeddings), never on biases or norms."""
     t = config.train
@@ -138,8 +145,7 @@ def _train(config: Config, env: DistEnv) -> dict:
     torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever rank-specific seeding did
     model = build_model(config)
     if t.compile:
-        for block in model.h:
-            block.compile()  # per block: works the same under DDP, FSDP and DeepSpeed
+        compile_blocks(model)
     flops_per_token = model.flops_per_token()
     strategy.configure_batch(micro_batch, grad_accum)  # DeepSpeed bakes the batch shape into its engine
     strategy.wrap(model, make_optimizer_factory(config, env.device))
