@@ -214,6 +214,7 @@ class DeepSpeedStrategy(Strategy):
                 self._barrier()  # every rank has read the conversion
                 if self.env.is_main:
                     shutil.rmtree(load_dir / tag, ignore_errors=True)
+                    (load_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer
         if load_path is None:
             raise UserError(f"DeepSpeed could not load a checkpoint from {path}")
 
@@ -232,9 +233,7 @@ class DeepSpeedStrategy(Strategy):
 
         import torch.distributed as dist
 
-        cannot = (
-            f"{path} was saved by {saved_world} DeepSpeed ranks, this run has {self.env.world_size}"
-        )
+        cannot = f"{path} was saved by {saved_world} DeepSpeed ranks, this run has {self.env.world_size}"
         fallback = (
             f"resume with {saved_world} processes, or carry the weights over: python -m dist_gpt.export {path} --out weights.safetensors, "
             f"then start a new run with model.init_from=weights.safetensors (the optimizer moments and the data position restart)"
@@ -266,7 +265,8 @@ class DeepSpeedStrategy(Strategy):
 
 # ------------------------------------------------------------------------------ consolidation
 
-MODEL_STATES = "mp_rank_00_model_states.pt"  # rank 0's: the module (stage 0's whole weights), the ds_config
+# Rank 0's model states (the module: stage 0's whole weights; the ds_config): ZeRO-3 names it per rank.
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 _WRAPPER_PREFIXES = re.compile(r"(_orig_mod\.|_checkpoint_wrapped_module\.|_fsdp_wrapped_module\.)")
 
 
@@ -278,9 +278,9 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     stage 0 keeps the whole module in mp_rank_00_model_states.pt. DeepSpeed's files are pickles, read with
     torch.load(weights_only=False) by DeepSpeed itself: consolidate only checkpoints you trust."""
     ckpt_dir = Path(ckpt_dir)
-    model_states = ckpt_dir / MODEL_STATES
-    if not model_states.is_file():
-        raise UserError(f"{ckpt_dir} has no {MODEL_STATES}: not a DeepSpeed checkpoint (or an incomplete one); give another step_* directory")
+    model_states = next((ckpt_dir / name for name in MODEL_STATES if (ckpt_dir / name).is_file()), None)
+    if model_states is None:
+        raise UserError(f"{ckpt_dir} has no {MODEL_STATES[0]}: not a DeepSpeed checkpoint (or an incomplete one); give another step_* directory")
     saved = torch.load(model_states, map_location="cpu", weights_only=False)  # DeepSpeed's pickle (see above)
     stage = int(saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:
