@@ -163,11 +163,12 @@ def bench(base: str, variant_specs: list[str], common: list[str], steps: int, wa
     env = init_distributed()
     try:
         seed_everything(0)
+        # Before building the variants: compile workers and model construction would contend with the measurement.
+        peak_flops, peak_source = device_peak_flops(env.device, env.compute_dtype)
         variants = []
         for spec in variant_specs:
             overrides, malloc = split_variant(spec)
             variants.append(build_variant(spec or "default", base, common + overrides, malloc, env))
-        peak_flops, peak_source = device_peak_flops(env.device, env.compute_dtype)
         generator = torch.Generator().manual_seed(0)
         for step in range(warmup + steps):
             for variant in variants:  # interleaved: A B A B ...
