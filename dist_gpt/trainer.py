@@ -173,6 +173,8 @@ def _train(config: Config, env: DistEnv) -> dict:
             flush=True,
         )
 
+    if state.step >= t.max_steps and env.is_main:
+        print(f"this run is already complete at step {state.step} (train.max_steps={t.max_steps}): raise train.max_steps to train on, or start another run with train.run_name=NAME", flush=True)
     timed_tokens, timed_seconds, steps_this_process = 0, 0.0, 0
     train_loss = val_loss = math.nan
     stop_reason = None
