@@ -607,14 +607,9 @@ class TrialRunner:
 
 def max_over_ranks(values: Sequence[float], env: DistEnv) -> list[float]:
     """Element-wise all_reduce(MAX) over the ranks; the values themselves on a world of one."""
-    import torch.distributed as dist
+    from dist_gpt.distributed import all_reduce_max
 
-    if env.world_size == 1 or not dist.is_initialized():
-        return list(values)
-    device = env.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+    return list(values) if env.world_size == 1 else all_reduce_max(values)
 
 
 def agree_across_ranks(result: TrialResult, env: DistEnv) -> TrialResult:

@@ -30,7 +30,7 @@ from dist_gpt import runtime
 from dist_gpt.config import Config, load_config
 from dist_gpt.distributed import DistEnv, destroy_distributed, init_distributed
 from dist_gpt.errors import UserError, cli
-from dist_gpt.metrics import device_peak_flops
+from dist_gpt.metrics import device_peak_flops, synchronize
 from dist_gpt.parallel import build_strategy
 from dist_gpt.trainer import build_model, compile_blocks, make_optimizer_factory, seed_everything
 
@@ -69,11 +69,6 @@ def set_malloc(mode: str) -> None:
         runtime.keep_freed_memory()
     else:
         runtime.restore_default_malloc()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def current_memory_mb(device: torch.device) -> float:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
+from dist_gpt.distributed import DistEnv, all_reduce_max
 from dist_gpt.errors import UserError
 
 FORMAT = "dist_gpt-checkpoint/1"
@@ -345,11 +345,7 @@ class Checkpointer:
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any (so every rank takes the same branch)."""
-        if not self.env.distributed:
-            return flag
-        value = torch.tensor([int(flag)], device=self._comm_device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return bool(all_reduce_max([float(flag)])[0])
 
     def _gather_dicts(self, mine: dict) -> dict:
         if not self.env.distributed:
@@ -362,8 +358,6 @@ class Checkpointer:
         if self.env.distributed:
             dist.barrier()
 
-    def _comm_device(self) -> torch.device:
-        return self.env.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -77,6 +77,17 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum over ranks of a few numbers (the values themselves on a world of one): how ranks
+    agree on a flag or a worst case. The tensor lives where the backend needs it (CUDA for nccl)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (no-op on a world of one). gloo has no AVG: sum, then divide."""
     if dist.is_available() and dist.is_initialized():

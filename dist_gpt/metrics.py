@@ -45,7 +45,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    synchronize(device)
     best = 0.0
     for _ in range(windows):
         count, start = 0, time.perf_counter()
@@ -53,7 +53,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
             a @ b
             count += 1
             if device.type != "cpu":
-                _sync(device)
+                synchronize(device)
         best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
     return best
 
@@ -73,7 +73,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
     return candidates[best], f"measured {str(best).removeprefix('torch.')} matmul on cpu ({torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -85,11 +85,11 @@ def memory_stats(device: torch.device) -> dict[str, float]:
             "mem_peak_alloc_mb": torch.cuda.max_memory_allocated(device) / 2**20,
             "mem_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
         }
-    import resource  # POSIX; ru_maxrss is the process's peak resident set, in KiB on Linux
+    from dist_gpt.memory import peak_resident_bytes  # VmHWM: ru_maxrss would report a launcher parent's size
 
     return {
         "mem_rss_mb": psutil.Process().memory_info().rss / 2**20,
-        "mem_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        "mem_peak_rss_mb": peak_resident_bytes() / 2**20,
     }
 
 
