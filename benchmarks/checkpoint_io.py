@@ -33,11 +33,13 @@ MODELS = {"seed": ["model.preset=seed"], "gpt2": ["model.preset=gpt2", "model.bl
 
 def build(model_name: str, out_dir: Path, async_save: bool = False):
     """A config, env, strategy (model + AdamW after one step) and a Checkpointer writing under out_dir."""
+    from dist_gpt.build import build as build_training
     from dist_gpt.checkpoint import Checkpointer
     from dist_gpt.config import load_config
     from dist_gpt.distributed import init_distributed
-    from dist_gpt.parallel import build_strategy
-    from dist_gpt.trainer import TrainState, build_model, make_optimizer_factory
+    from dist_gpt.parallel import BatchShape
+    from dist_gpt.step import train_step
+    from dist_gpt.trainer import TrainState
 
     overrides = MODELS[model_name] + [
         "train.device=cpu",
@@ -49,14 +51,10 @@ def build(model_name: str, out_dir: Path, async_save: bool = False):
     ]
     config = load_config("bible-seed", overrides)
     env = init_distributed("cpu", "fp32")
-    strategy = build_strategy(config, env)
-    torch.manual_seed(0)
-    model = build_model(config)
-    strategy.configure_batch(1, 1)
-    strategy.wrap(model, make_optimizer_factory(config, env.device))
+    built = build_training(config, env, BatchShape(1, 1))
+    strategy, model = built.strategy, built.model
     x = torch.randint(0, 50257, (1, 64))
-    strategy.forward_backward(x, x, 1.0, sync_grads=True)
-    strategy.clip_and_step(1.0)
+    train_step(strategy, lambda: (x, x), grad_accum=1, grad_clip=1.0)
     state = TrainState(step=1)
     return config, env, strategy, Checkpointer(config, env, strategy, {"train_state": state}), model
 

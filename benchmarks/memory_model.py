@@ -1,6 +1,6 @@
 """The memory model (dist_gpt.memory) against measurement: predicted vs measured peak, per shape and micro-batch.
 
-Each measurement is an autotuner trial (dist_gpt.autotune_batch): a fresh process running real training steps
+Each measurement is an autotuner trial (dist_gpt.autotune): a fresh process running real training steps
 of the real model and strategy, whose peak is the resident set on CPU and max_memory_allocated + the CUDA
 context on GPU. `--live` adds, on CPU, the live-tensor peak from the profiler's allocation events: the model's
 tensor terms are checked against that exactly, and the gap to the resident peak is the heap's slack.
@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from dist_gpt import memory
-from dist_gpt.autotune_batch import measure_sizes
+from dist_gpt.autotune import measure_sizes
 from dist_gpt.config import Config, from_dict, load_config
 from dist_gpt.distributed import init_distributed
 from dist_gpt.parallel import resolve_strategy_name
@@ -42,7 +42,7 @@ def live_tensor_peak(config: Config, micro_batch: int, steps: int = 2) -> int:
     allocation events: exact, and blind to how the heap lays them out."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dist_gpt.autotune_batch import run_steps
+    from dist_gpt.autotune import run_steps
     from dist_gpt.distributed import DistEnv
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -27,12 +27,13 @@ import psutil
 import torch
 
 from dist_gpt import runtime
+from dist_gpt.build import build, seed_everything
 from dist_gpt.config import Config, load_config
 from dist_gpt.distributed import DistEnv, destroy_distributed, init_distributed
 from dist_gpt.errors import UserError, cli
 from dist_gpt.metrics import device_peak_flops, synchronize
-from dist_gpt.parallel import build_strategy
-from dist_gpt.trainer import build_model, compile_blocks, make_optimizer_factory, seed_everything
+from dist_gpt.parallel import BatchShape
+from dist_gpt.step import accumulate_gradients, apply_update
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -84,18 +85,12 @@ def build_variant(label: str, base: str, overrides: list[str], malloc: str, env:
         raise UserError("bench needs a fixed train.micro_batch_size (run python -m dist_gpt.autotune_batch first)")
     variant = Variant(label, config, malloc)
     set_malloc(malloc)  # before this variant allocates anything
-    torch.manual_seed(config.train.seed)
-    strategy = build_strategy(config, env)
-    strategy.configure_batch(micro, 1)
-    model = build_model(config)
-    if config.train.compile:
-        compile_blocks(model)
-    variant.flops_per_token = model.flops_per_token()
+    built = build(config, env, BatchShape(micro, 1))
+    variant.flops_per_token = built.flops_per_token
     variant.tokens_per_step = micro * env.world_size * config.model.block_size
-    strategy.wrap(model, make_optimizer_factory(config, env.device))
     # The end of the model's forward (a hook on the plain GPT, inside any wrapper) splits forward from backward.
-    model.register_forward_hook(lambda module, args, output: variant.marks.append(_mark(env.device)))
-    variant.strategy = strategy
+    built.model.register_forward_hook(lambda module, args, output: variant.marks.append(_mark(env.device)))
+    variant.strategy = built.strategy
     return variant
 
 
@@ -123,10 +118,10 @@ def run_step(variant: Variant, env: DistEnv, generator: torch.Generator, record:
     x, y = random_batch(variant.config, env, generator)
     synchronize(device)
     t1 = time.perf_counter()
-    strategy.forward_backward(x, y, loss_scale=1.0, sync_grads=True)
+    loss = accumulate_gradients(strategy, lambda: (x, y), grad_accum=1)
     synchronize(device)
     t3 = time.perf_counter()
-    strategy.clip_and_step(variant.config.train.grad_clip)
+    apply_update(strategy, loss, variant.config.train.grad_clip)
     synchronize(device)
     t4 = time.perf_counter()
     if not record:

@@ -3,7 +3,7 @@
 Layout of a run:
 
     out/<run>/checkpoints/
-        step_000500/            one checkpoint: the strategy's shards (DCP files, or DeepSpeed's), per-rank
+        step_000500/            one checkpoint: the strategy's files (its shards), per-rank
             manifest.json       RNG files, and the manifest (written last; a directory without one is incomplete)
         step_001000/
         latest                  the name of the newest complete checkpoint (replaced atomically, last)
@@ -13,11 +13,11 @@ renames the directory to `step_N/` (atomic on one filesystem) and only then poin
 any moment leaves `latest` on a complete checkpoint; a stale `.tmp` directory is removed by the next save.
 Older checkpoints beyond keep_last_k are deleted only after the new one is published.
 
-Loading never unpickles, except DeepSpeed's own ZeRO files: model and optimizer tensors come through DCP
-(tensors only: see Strategy), RNG states through `torch.load(weights_only=True)`, everything else (step, data
-position, config) from JSON. DeepSpeed checkpoints (parallel.strategy=deepspeed) are DeepSpeed's pickles, which
-DeepSpeed reads with torch.load(weights_only=False): resume or consolidate only ZeRO checkpoints you trust
-(ones you wrote).
+The model and optimizer files are the strategy's business (parallel/: what it writes, which rank wrote which
+file, how to consolidate them); this module only publishes, verifies and finds them. Loading here never
+unpickles: RNG states come through `torch.load(weights_only=True)`, everything else (step, data position,
+config) from JSON. The strategies' own files hold tensors only (DCP), except for a strategy whose library
+writes pickles (its module says so): resume or consolidate only such checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -41,16 +41,15 @@ import torch.distributed as dist
 from dist_gpt.config import Config
 from dist_gpt.distributed import DistEnv, all_reduce_max
 from dist_gpt.errors import UserError
+from dist_gpt.model import SHAPE_FIELDS
+from dist_gpt.parallel import checkpoint_file_rank, strategy_class
 
 FORMAT = "dist_gpt-checkpoint/1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
-# What a checkpoint's model must agree on with the run loading it (other fields, e.g. dropout, may change).
 # DCP warns on every single-process save/load that it assumes a single process, which is what we mean.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "position", "bias")
-# The files one rank writes: our RNG state, DCP's per-rank shards, DeepSpeed's per-rank ZeRO partitions.
-_WRITER = re.compile(r"rng_rank(\d+)\.pt$|__(\d+)_|(?:bf16_)?zero_pp_rank_(\d+)_")
+RNG_FILE = re.compile(r"rng_rank(\d+)\.pt$")  # one per rank, ours; the strategy's files are named by it
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -109,6 +108,7 @@ def file_crc32(path: Path) -> int:
 
 
 def check_model_shape(ckpt_dir: Path, manifest: dict, config: Config) -> None:
+    """The checkpoint's model must agree with the run's on the shape fields (others, e.g. dropout, may change)."""
     saved = manifest["config"]["model"]
     fields = SHAPE_FIELDS + (("block_size",) if config.model.position == "learned" else ())  # the wpe table's rows
     diffs = [f"{k}={saved.get(k)!r} (this run: {getattr(config.model, k)!r})" for k in fields if saved.get(k) != getattr(config.model, k)]
@@ -316,10 +316,11 @@ class Checkpointer:
 
     def _written_by_me(self, name: str) -> bool:
         """Who checksums which file: the rank that wrote it (on multi-node, a rank may not see another node's
-        files until they are flushed): rank r its RNG file, its DCP shards (__r_*) and its DeepSpeed ZeRO
-        partitions ([bf16_]zero_pp_rank_r_*); rank 0 everything else (DCP's .metadata, mp_rank_00_model_states.pt)."""
-        owner = _WRITER.match(name)
-        return int(next(g for g in owner.groups() if g is not None)) == self.env.rank if owner else self.env.is_main
+        files until they are flushed): rank r its RNG file and the files the strategy names as rank r's;
+        rank 0 everything else."""
+        rng = RNG_FILE.match(name)
+        writer = int(rng[1]) if rng else checkpoint_file_rank(name)
+        return self.env.is_main if writer is None else writer == self.env.rank
 
     def _delete_old(self, keep: str) -> None:
         complete = sorted((p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
@@ -374,27 +375,15 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def consolidated_state_dict(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The full (unsharded) model weights of any checkpoint, in one process, with its run config.
-
-    DCP checkpoints (single / DDP / FSDP, any world size) load straight into full tensors; ZeRO checkpoints
-    go through DeepSpeed's own consolidation."""
+    """The full (unsharded) model weights of any checkpoint, in one process, with its run config: the
+    strategy that saved it consolidates its own files (any world size)."""
     from dist_gpt.config import from_dict
-    from dist_gpt.model import GPT
 
     ckpt_dir = resolve_checkpoint_dir(path)
     manifest = read_manifest(ckpt_dir)
     verify_files(ckpt_dir, manifest)
     config = from_dict(manifest["config"])
-    if manifest["strategy"] == "deepspeed":
-        from dist_gpt.parallel.deepspeed import consolidated_model_state
-
-        return config, consolidated_model_state(ckpt_dir)
-    import torch.distributed.checkpoint as dcp
-
-    model = GPT(config.model.gpt_config())
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
-    return config, state["model"]
+    return config, strategy_class(manifest["strategy"]).consolidated_model_state(ckpt_dir, config)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu"):

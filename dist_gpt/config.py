@@ -16,8 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from dist_gpt.distributed import DTYPES
 from dist_gpt.errors import UserError
 from dist_gpt.model import CUDA_ONLY_BACKENDS, PRESETS, GPTConfig
+
+STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides auto; one module each in parallel/
 
 
 @dataclass
@@ -117,8 +120,8 @@ CHOICES = {
     ("model", "position"): ("rope", "learned"),
     ("model", "loss"): ("chunked", "plain"),
     ("train", "device"): ("auto", "cuda", "mps", "cpu"),
-    ("train", "dtype"): ("auto", "fp32", "bf16"),
-    ("parallel", "strategy"): ("auto", "single", "ddp", "fsdp", "deepspeed"),
+    ("train", "dtype"): ("auto", *DTYPES),
+    ("parallel", "strategy"): ("auto", *STRATEGIES),
     ("parallel", "backend"): ("auto", "nccl", "gloo"),
     ("logging", "wandb"): ("off", "offline", "online"),
 }

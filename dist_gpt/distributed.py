@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# The compute dtypes by the names configs and files use (train.dtype, the autotuner's trial spec, its cache).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 @dataclass
 class DistEnv:
@@ -48,7 +51,19 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[requested]
+    return DTYPES[requested]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16': the inverse of DTYPES."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    """parallel.backend: `auto` is nccl for CUDA tensors, gloo for CPU ones."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return requested
 
 
 def init_distributed(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> DistEnv:
@@ -58,9 +73,7 @@ def init_distributed(device: str = "auto", dtype: str = "auto", backend: str = "
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend=pick_backend(backend, dev), timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, compute_dtype=pick_dtype(dtype, dev))
 
 

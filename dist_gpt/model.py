@@ -29,6 +29,9 @@ ATTENTION_BACKENDS = {
     "math": [SDPBackend.MATH],
 }
 CUDA_ONLY_BACKENDS = ("efficient", "cudnn")
+# The GPTConfig fields that fix the parameters' shapes: a checkpoint or an export decides them, and the model
+# it is loaded into must agree (the others, e.g. dropout or block_size with RoPE, may change).
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "position")
 
 
 @dataclass

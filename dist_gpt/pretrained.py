@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_gpt.errors import UserError
-from dist_gpt.model import GPT2_VOCAB_SIZE, GPT, GPTConfig, RotaryEmbedding, gpt_config_fields
+from dist_gpt.model import GPT2_VOCAB_SIZE, GPT, SHAPE_FIELDS, GPTConfig, RotaryEmbedding, gpt_config_fields
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ HF_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # the causal-m
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")  # HF GPT-2's Conv1D layers: weight stored (in, out)
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation our MLP uses
 EXPORT_CONFIG_KEY = "gpt_config"
-# The fields that fix tensor shapes: a checkpoint decides them, an override may only repeat them.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "tokenizer_vocab_size", "position")
+# What a checkpoint decides and an override may only repeat: the shapes, and which ids are real tokens.
+FIXED_FIELDS = SHAPE_FIELDS + ("tokenizer_vocab_size",)
 
 
 def is_gpt2_name(source: str | os.PathLike) -> bool:
@@ -134,7 +134,7 @@ def _config_from_hf(hf: dict, position: str, overrides: dict, directory: Path) -
         raise UserError(f"{where}: {unsupported}, which our GPT does not implement")
     base = GPTConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"], block_size=shape["n_positions"], position=position, bias=True)
     # vocab_size may differ: the padding of the embedding is ours to choose, not the checkpoint's.
-    fixed = tuple(name for name in SHAPE_FIELDS if name != "vocab_size")
+    fixed = tuple(name for name in FIXED_FIELDS if name != "vocab_size")
     config = _with_overrides(base, overrides, fixed=fixed, source=where)
     if position == "learned" and config.block_size > shape["n_positions"]:
         raise UserError(f"block_size={config.block_size} exceeds the checkpoint's n_positions={shape['n_positions']}: learned positions stop there; use block_size <= {shape['n_positions']} or position='rope'")
@@ -250,7 +250,7 @@ def load_exported(path: str | os.PathLike, **overrides) -> GPT:
         saved = GPTConfig(**json.loads(metadata[EXPORT_CONFIG_KEY]))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: its {EXPORT_CONFIG_KEY!r} metadata is not a GPTConfig ({e})") from None
-    config = _with_overrides(saved, overrides, fixed=SHAPE_FIELDS, source=path)
+    config = _with_overrides(saved, overrides, fixed=FIXED_FIELDS, source=path)
     if config.position == "learned" and "wpe.weight" in state_dict:  # RoPE tables are recomputed for any block_size
         if config.block_size > saved.block_size:
             raise UserError(f"block_size={config.block_size} exceeds the {saved.block_size} positions {path} learned: use block_size <= {saved.block_size}")

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 
+from dist_gpt.build import build, seed_everything
 from dist_gpt.checkpoint import Checkpointer
 from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
 from dist_gpt.distributed import DistEnv, all_reduce_mean, all_reduce_sum, destroy_distributed, init_distributed
 from dist_gpt.errors import UserError
 from dist_gpt.metrics import MetricsLogger, device_peak_flops
-from dist_gpt.model import GPT
-from dist_gpt.parallel import Strategy, build_strategy
+from dist_gpt.parallel import BatchShape, Strategy
 from dist_gpt.schedule import CosineSchedule
+from dist_gpt.step import train_step
 
 WARMUP_STEPS_EXCLUDED = 3  # first steps (allocator warm-up, compilation) are left out of the throughput summary
 
@@ -37,68 +36,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen, self.wandb_run_id = int(state["step"]), int(state["tokens_seen"]), state.get("wandb_run_id")
-
-
-def build_model(config: Config) -> GPT:
-    """From scratch, from OpenAI's GPT-2 weights (a hub name or local HF dir), or from one of our exports."""
-    source = config.model.init_from
-    overrides = dict(
-        dropout=config.model.dropout,
-        attn_backend=config.model.attn_backend,
-        loss=config.model.loss,
-        loss_chunk_tokens=config.model.loss_chunk_tokens,
-        block_size=config.model.block_size,
-    )
-    if source == "scratch":
-        return GPT(config.model.gpt_config())
-    from dist_gpt import pretrained
-
-    if source.endswith(".safetensors"):
-        model = pretrained.load_exported(source, **overrides)
-    else:
-        model = pretrained.load_hf_gpt2(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
-    # The run's config must describe the model it trains: checkpoints, exports and FLOP counts are built from it.
-    mismatched = [f"{k}={getattr(model.config, k)}" for k in ("n_layer", "n_head", "n_embd", "position") if getattr(model.config, k) != getattr(config.model, k)]
-    if mismatched:
-        raise UserError(f"model.init_from={source} is a model with {', '.join(mismatched)}, which the config does not say: set those model.* keys (or the matching model.preset)")
-    return model
-
-
-def compile_blocks(model: GPT) -> None:
-    """torch.compile each transformer block in place: per block works the same under DDP, FSDP and DeepSpeed,
-    and leaves the chunked loss (a custom autograd function) eager."""
-    for block in model.h:
-        block.compile()
-
-
-def make_optimizer_factory(config: Config, device: torch.device):
-    """AdamW; weight decay only on matrices (>= 2-D: linear weights, embeddings), never on biases or norms."""
-    t = config.train
-
-    def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device.type == "cuda"  # one kernel for all parameters; on CPU foreach is the fast path
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None, foreach=None if fused else True)
-
-    return make_optimizer
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_micro_batch_size(config: Config, env: DistEnv, strategy_name: str) -> int:
-    if config.train.micro_batch_size != "auto":
-        return int(config.train.micro_batch_size)
-    from dist_gpt.autotune_batch import autotune_for_training
-
-    return autotune_for_training(config, env, strategy_name)
 
 
 @torch.no_grad()
@@ -121,17 +58,25 @@ def evaluate(strategy: Strategy, config: Config, env: DistEnv, micro_batch_size:
     return (all_reduce_sum(loss_sum) / all_reduce_sum(windows)).item()
 
 
-def train(config: Config) -> dict:
-    """Run (or resume) a training run. Returns a summary: final losses, throughput, where the run lives."""
+def train(config: Config, env: DistEnv | None = None, micro_batch_size: int | None = None) -> dict:
+    """Run (or resume) a training run. Returns a summary: final losses, throughput, where the run lives.
+
+    micro_batch_size: the size to train with when train.micro_batch_size is `auto` (dist_gpt.run asks the
+    autotuner first). Without env, this joins the process group itself and leaves it at the end."""
+    if env is not None:
+        return _train(config, env, micro_batch_size)
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
     try:
-        return _train(config, env)
+        return _train(config, env, micro_batch_size)
     finally:
         destroy_distributed()
 
 
-def _train(config: Config, env: DistEnv) -> dict:
+def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     t = config.train
+    micro_batch = micro_batch_size or t.micro_batch_size
+    if micro_batch == "auto":
+        raise UserError("train.micro_batch_size=auto is chosen before training starts: launch with launch/train.py (or call dist_gpt.run.run_training)")
     meta = read_meta(config.data_dir)
     seed_everything(t.seed + env.rank)
     if env.device.type == "cpu":
@@ -139,16 +84,9 @@ def _train(config: Config, env: DistEnv) -> dict:
 
         keep_freed_memory()  # big per-step buffers stay mapped instead of page-faulting every step
 
-    strategy = build_strategy(config, env)
-    micro_batch = resolve_micro_batch_size(config, env, strategy.name)
     grad_accum = check_runtime(config, env.world_size, env.device.type, micro_batch)
-    torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever rank-specific seeding did
-    model = build_model(config)
-    if t.compile:
-        compile_blocks(model)
-    flops_per_token = model.flops_per_token()
-    strategy.configure_batch(micro_batch, grad_accum)  # DeepSpeed bakes the batch shape into its engine
-    strategy.wrap(model, make_optimizer_factory(config, env.device))
+    built = build(config, env, BatchShape(micro_batch, grad_accum))
+    strategy, model, flops_per_token = built.strategy, built.model, built.flops_per_token
     attention = model.attention_backend()  # probed after the move to the device: what really runs there
 
     loader = TokenLoader(config.data_dir / "train.bin", config.model.block_size, micro_batch, env.rank, env.world_size, seed=t.seed, device=env.device)
@@ -183,27 +121,23 @@ def _train(config: Config, env: DistEnv) -> dict:
             step_start = time.perf_counter()
             lr = schedule(state.step)
             strategy.set_lr(lr)
-            loss_sum = torch.zeros((), device=env.device)
-            for micro_step in range(grad_accum):
-                x, y = loader.next_batch()
-                loss_sum += strategy.forward_backward(x, y, 1.0 / grad_accum, sync_grads=micro_step == grad_accum - 1)
-            grad_norm = strategy.clip_and_step(t.grad_clip)
+            result = train_step(strategy, loader.next_batch, grad_accum, t.grad_clip)
             state.step += 1
             state.tokens_seen += tokens_per_step
 
-            step_seconds = time.perf_counter() - step_start  # clip_and_step synchronises (grad norm .item())
+            step_seconds = time.perf_counter() - step_start  # the step synchronises (the grad norm is a float)
             steps_this_process += 1
             if steps_this_process > WARMUP_STEPS_EXCLUDED:
                 timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + step_seconds
             if state.step % config.logging.log_every == 0 or state.step == t.max_steps:
-                train_loss = all_reduce_mean(loss_sum / grad_accum).item()
+                train_loss = all_reduce_mean(result.loss).item()
                 tokens_per_s = tokens_per_step / step_seconds
                 record = {
                     "step": state.step,
                     "tokens": state.tokens_seen,
                     "loss": train_loss,
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": result.grad_norm,
                     "ms_per_step": step_seconds * 1e3,
                     "tokens_per_s": tokens_per_s,
                     "mfu": tokens_per_s * flops_per_token / (peak_flops * env.world_size),

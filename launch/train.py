@@ -7,7 +7,7 @@ import argparse
 
 from dist_gpt.config import load_config
 from dist_gpt.errors import cli
-from dist_gpt.trainer import train
+from dist_gpt.run import run_training
 
 
 @cli
@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 model.position=learned")
     args = parser.parse_args()
     overrides = list(args.overrides) + ([f"parallel.ds_config={args.ds_config}"] if args.ds_config else [])
-    train(load_config(args.config, overrides))
+    run_training(load_config(args.config, overrides))
 
 
 if __name__ == "__main__":

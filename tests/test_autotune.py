@@ -1,4 +1,4 @@
-"""The micro-batch autotuner (dist_gpt.autotune_batch) and the memory model it starts from (dist_gpt.memory).
+"""The micro-batch autotuner (dist_gpt.autotune) and the memory model it starts from (dist_gpt.memory).
 
 The search and the choice are pure functions over a trial callable, so most tests drive them with simulated
 devices: exact, noisy, flaky, or two ranks that disagree. The rest measure for real on CPU, with shapes small
@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO, run_python, tiny_overrides
 from dist_gpt import memory
-from dist_gpt.autotune_batch import (
+from dist_gpt.autotune import (
     NO_GLOBAL_BATCH_CAP,
     RunMemoryModel,
     TrialResult,
@@ -444,7 +444,7 @@ def test_memory_model_within_15_percent_on_cuda(strategy):
 def test_cuda_out_of_memory_is_caught_and_cleaned_up():
     """A budget emulated with set_per_process_memory_fraction: a size past it runs out, is retried once, and
     leaves nothing allocated; the next trial runs normally."""
-    from dist_gpt.autotune_batch import TrialRunner
+    from dist_gpt.autotune import TrialRunner
 
     config = from_dict({"model": {"preset": "gpt2"}, "train": {"device": "cuda", "dtype": "bf16"}})
     env = DistEnv(device=torch.device("cuda", 0), compute_dtype=torch.bfloat16)

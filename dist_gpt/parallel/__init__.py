@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dist_gpt.config import Config
+from dist_gpt.config import STRATEGIES, Config
 from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
-from dist_gpt.parallel.base import Strategy
-from dist_gpt.parallel.single import SingleDevice
+from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy
 
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+__all__ = ["BatchShape", "OptimizerFactory", "Strategy", "build_strategy", "check_strategy", "checkpoint_file_rank", "resolve_strategy_name", "strategy_class"]
 
 
 def resolve_strategy_name(config: Config, env: DistEnv) -> str:
@@ -21,26 +20,50 @@ def resolve_strategy_name(config: Config, env: DistEnv) -> str:
     return name
 
 
-def build_strategy(config: Config, env: DistEnv) -> Strategy:
+def check_strategy(config: Config, env: DistEnv) -> str:
+    """The strategy this run will use, after the checks that need the world size; raises UserError."""
     name = resolve_strategy_name(config, env)
     if config.parallel.ds_config and name != "deepspeed":
         raise UserError(f"a DeepSpeed config ({config.parallel.ds_config}) was given with parallel.strategy={name}: drop --ds_config, or use strategy deepspeed (or auto)")
+    if name == "single" and env.world_size > 1:
+        raise UserError(f"parallel.strategy=single on a world of {env.world_size} processes: use ddp, fsdp or deepspeed (or auto)")
+    if name == "deepspeed" and not config.parallel.ds_config:  # config.check says so first; kept for configs built in code
+        raise UserError("parallel.strategy=deepspeed needs a DeepSpeed config: launch with `deepspeed launch/train.py --ds_config ds_configs/zero2.json ...`")
+    if name not in STRATEGIES:
+        raise UserError(f"parallel.strategy={name!r} is not one of auto, {', '.join(STRATEGIES)}")
+    return name
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class of a strategy by name, its module imported only now (DeepSpeed's is slow to import)."""
     if name == "single":
-        if env.world_size > 1:
-            raise UserError(f"parallel.strategy=single on a world of {env.world_size} processes: use ddp, fsdp or deepspeed (or auto)")
-        return SingleDevice(config, env)
+        from dist_gpt.parallel.single import SingleDevice
+
+        return SingleDevice
     if name == "ddp":
         from dist_gpt.parallel.ddp import DDPStrategy
 
-        return DDPStrategy(config, env)
+        return DDPStrategy
     if name == "fsdp":
         from dist_gpt.parallel.fsdp import FSDPStrategy
 
-        return FSDPStrategy(config, env)
+        return FSDPStrategy
     if name == "deepspeed":
-        if not config.parallel.ds_config:  # config.check says so first; kept for configs built in code
-            raise UserError("parallel.strategy=deepspeed needs a DeepSpeed config: launch with `deepspeed launch/train.py --ds_config ds_configs/zero2.json ...`")
-        from dist_gpt.parallel.deepspeed import DeepSpeedStrategy  # imports deepspeed (slow): only when used
+        from dist_gpt.parallel.deepspeed import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(config, env)
+        return DeepSpeedStrategy
     raise UserError(f"parallel.strategy={name!r} is not one of auto, {', '.join(STRATEGIES)}")
+
+
+def build_strategy(config: Config, env: DistEnv) -> Strategy:
+    return strategy_class(check_strategy(config, env))(config, env)
+
+
+def checkpoint_file_rank(name: str) -> int | None:
+    """The rank that wrote checkpoint file `name`, by the file naming of whichever strategy wrote it; None
+    for a file of rank 0's."""
+    for strategy in STRATEGIES:
+        rank = strategy_class(strategy).checkpoint_file_rank(name)
+        if rank is not None:
+            return rank
+    return None

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -18,9 +20,17 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.utils.checkpoint import checkpoint
 
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
+from dist_gpt.distributed import DistEnv, pick_backend
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """Sequences per rank per forward, and forwards per optimizer step."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
 
 
 class Strategy(ABC):
@@ -33,17 +43,11 @@ class Strategy(ABC):
         self.model: nn.Module | None = None  # the wrapped model (what forward runs)
         self.unwrapped_model: nn.Module | None = None  # the GPT inside (its state dict keys are the plain ones)
         self.optimizer: torch.optim.Optimizer | None = None
-        self.micro_batch_size: int | None = None  # set by configure_batch before wrap
-        self.grad_accum_steps: int | None = None
-
-    def configure_batch(self, micro_batch_size: int, grad_accum_steps: int) -> None:
-        """The resolved batch shape, told before wrap. Most strategies don't need it; DeepSpeed bakes it
-        into its engine (train_micro_batch_size_per_gpu, gradient_accumulation_steps)."""
-        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
 
     @abstractmethod
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        """Take the plain model (on CPU or its device) and build self.model and self.optimizer."""
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, batch: BatchShape) -> None:
+        """Take the plain model (on CPU or its device) and build self.model and self.optimizer. `batch` is
+        the run's resolved batch shape: most strategies ignore it; DeepSpeed bakes it into its engine."""
 
     def prepare_model(self, model: nn.Module, to_device: bool = True) -> nn.Module:
         """What every strategy does to the plain model before wrapping it: move it to the device (unless the
@@ -114,6 +118,26 @@ class Strategy(ABC):
         optim_state["state"] = state["optimizer_state"]
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
 
+    # DCP names each rank's shard file __RANK_N.distcp; its .metadata is rank 0's.
+    RANK_FILE = re.compile(r"__(\d+)_")
+
+    @classmethod
+    def checkpoint_file_rank(cls, name: str) -> int | None:
+        """The rank that wrote the checkpoint file `name` (it checksums it: on several nodes a rank may not
+        see another node's files until they are flushed), or None for a file of rank 0's."""
+        owner = cls.RANK_FILE.match(name)
+        return int(owner[1]) if owner else None
+
+    @classmethod
+    def consolidated_model_state(cls, ckpt_dir: Path, config: Config) -> dict[str, torch.Tensor]:
+        """The full model weights of a checkpoint this strategy saved, in one process with no process group.
+        DCP reads the shards of any world size straight into full tensors."""
+        from dist_gpt.model import GPT
+
+        state = {"model": GPT(config.model.gpt_config()).state_dict()}
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+        return state["model"]
+
     def _tensor_state(self) -> dict:
         """Only tensors: DCP unpickles non-tensor values on load, and a checkpoint must never need that.
         The optimizer's param_groups (hyperparameters) come from the config instead."""
@@ -181,6 +205,4 @@ def ensure_process_group(env: DistEnv, backend: str = "auto") -> None:
     process: init_distributed only joins a group when WORLD_SIZE > 1. An in-memory store: nothing to listen on."""
     if dist.is_initialized():
         return
-    if backend == "auto":
-        backend = "nccl" if env.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend=pick_backend(backend, env.device), store=dist.HashStore(), rank=0, world_size=1)

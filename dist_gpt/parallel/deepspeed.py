@@ -27,7 +27,7 @@ import torch.nn as nn
 from dist_gpt.config import Config
 from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
-from dist_gpt.parallel.base import OptimizerFactory, Strategy, ensure_process_group
+from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy, ensure_process_group
 
 # ZeRO 1-3 call deprecated torch.distributed collectives hundreds of times per run; the warnings are DeepSpeed's
 # business, not the user's. Filtered here (this module is imported only for the deepspeed strategy).
@@ -123,20 +123,20 @@ def _auto_keys(node, prefix: str = "") -> list[str]:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    # DeepSpeed's per-rank ZeRO partitions ([bf16_]zero_pp_rank_R_*); mp_rank_00_model_states.pt is rank 0's.
+    RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_")
 
     def __init__(self, config: Config, env: DistEnv):
         super().__init__(config, env)
         self.engine = None  # the DeepSpeedEngine (the checkpointer uses engine.save_checkpoint / load_checkpoint)
         self.ds_config: dict | None = None
 
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, batch: BatchShape) -> None:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) drown the log
-        if self.micro_batch_size is None:
-            raise RuntimeError("DeepSpeedStrategy.configure_batch(micro_batch_size, grad_accum_steps) must be called before wrap")
         self.ds_config = resolve_ds_config(
-            load_ds_config(self.config.parallel.ds_config), self.config, self.env, self.micro_batch_size, self.grad_accum_steps, source=self.config.parallel.ds_config
+            load_ds_config(self.config.parallel.ds_config), self.config, self.env, batch.micro_batch_size, batch.grad_accum_steps, source=self.config.parallel.ds_config
         )
         ensure_process_group(self.env, self.config.parallel.backend)  # DeepSpeed joins the group we made
         # DeepSpeed insists on these even when the group exists (a plain `python launch/train.py --ds_config`).
@@ -217,6 +217,10 @@ class DeepSpeedStrategy(Strategy):
                     (load_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer
         if load_path is None:
             raise UserError(f"DeepSpeed could not load a checkpoint from {path}")
+
+    @classmethod
+    def consolidated_model_state(cls, ckpt_dir: Path, config: Config) -> dict[str, torch.Tensor]:
+        return consolidated_model_state(ckpt_dir)
 
     def _barrier(self) -> None:
         if self.env.distributed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dist_gpt.parallel.base import OptimizerFactory, Strategy, clip_grad_norm
+from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy, clip_grad_norm
 
 
 class SingleDevice(Strategy):
@@ -12,7 +12,7 @@ class SingleDevice(Strategy):
 
     name = "single"
 
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, batch: BatchShape) -> None:
         model = self.prepare_model(model)
         self.model = self.parallelize(model)
         self.optimizer = make_optimizer(model)  # after parallelize: FSDP replaces the parameters with shards
