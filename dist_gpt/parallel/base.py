@@ -37,6 +37,8 @@ class Strategy(ABC):
     """Wraps a model and its optimizer and runs the parts of a training step that parallelism changes."""
 
     name: str = "base"
+    # How its checkpoint names a file one rank wrote (group 1: the rank). DCP: __RANK_N.distcp; .metadata is rank 0's.
+    RANK_FILE = re.compile(r"__(\d+)_")
 
     def __init__(self, config: Config, env: DistEnv):
         self.config, self.env = config, env
@@ -117,9 +119,6 @@ class Strategy(ABC):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         optim_state["state"] = state["optimizer_state"]
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
-
-    # DCP names each rank's shard file __RANK_N.distcp; its .metadata is rank 0's.
-    RANK_FILE = re.compile(r"__(\d+)_")
 
     @classmethod
     def checkpoint_file_rank(cls, name: str) -> int | None:

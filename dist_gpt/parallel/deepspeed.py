@@ -123,7 +123,7 @@ def _auto_keys(node, prefix: str = "") -> list[str]:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
-    # DeepSpeed's per-rank ZeRO partitions ([bf16_]zero_pp_rank_R_*); mp_rank_00_model_states.pt is rank 0's.
+    # Its per-rank ZeRO partitions: [bf16_]zero_pp_rank_R_*; mp_rank_00_model_states.pt is rank 0's.
     RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_")
 
     def __init__(self, config: Config, env: DistEnv):
