@@ -329,9 +329,11 @@ def memory_columns(b: memory.Breakdown) -> dict[str, int]:
 
 def render(p: Plan) -> str:
     c, r = p.config.model, p.request
-    plural = "s" if r.gpus > 1 else ""
+    unit = "GPU" if r.device == "cuda" else "CPU process"
+    if r.gpus > 1:
+        unit += "es" if unit.endswith("s") else "s"
     lines = [f"plan: {p.config.name}, {memory.param_count(c.gpt_config()) / 1e6:,.1f}M params ({c.n_layer} layers x {c.n_embd}, block "
-             f"{c.block_size}), {p.dtype}, on {r.gpus} x {r.gpu_memory_gb:g} GB {'GPU' if r.device == 'cuda' else 'CPU process'}{plural}",
+             f"{c.block_size}), {p.dtype}, on {r.gpus} x {r.gpu_memory_gb:g} GB {unit}",
              p.batch_note,
              f"fits: predicted peak <= {p.limit / GB:.2f} GB ({r.gpu_memory_gb:g} GB less {p.config.train.memory_headroom:.0%} headroom, "
              "train.memory_headroom); MB per GPU at the row's micro-batch",
@@ -349,12 +351,12 @@ def render(p: Plan) -> str:
               "transient: the loss layer's buffers and gathered shards at the peak; overhead: CUDA context (CPU: process + heap)"]
     if p.recommended:
         if p.alternatives:
-            lines.append(f"without CPU offload it does not fit on {r.gpus} GPU{plural}. What would:")
+            lines.append(f"without CPU offload it does not fit on {r.gpus} {unit}. What would:")
             lines += _alternatives(p)
         lines += [f"recommended: {p.recommended.option.label}, micro-batch {p.recommended.micro_batch} x grad-accum {p.recommended.grad_accum}",
                   *textwrap.wrap(p.why, 110, initial_indent="  why: ", subsequent_indent="       "), p.command]
     else:
-        lines.append(f"it does not fit: no option fits micro-batch 1 in {p.limit / GB:.2f} GB per GPU on {r.gpus} GPU{plural}, not even "
+        lines.append(f"it does not fit: no option fits micro-batch 1 in {p.limit / GB:.2f} GB each on {r.gpus} {unit}, not even "
                      f"with activation checkpointing{' and CPU offload' if r.allow_offload and r.device == 'cuda' else ''}. What would:")
         lines += _alternatives(p)
         first = next((cmd for _, cmd in p.alternatives if cmd), "")
