@@ -18,7 +18,8 @@ from dist_gpt.model import GPT, SHAPE_FIELDS
 from dist_gpt.parallel import BatchShape, OptimizerFactory, Strategy, build_strategy
 
 # What an imported model must agree on with the config; vocab_size (the padding) and bias are the importer's.
-INIT_FROM_FIELDS = tuple(f for f in SHAPE_FIELDS if f not in ("vocab_size", "bias"))
+# rope_theta too: an export keeps its own, and checkpoints and exports of the run are rebuilt from the config.
+INIT_FROM_FIELDS = tuple(f for f in SHAPE_FIELDS if f not in ("vocab_size", "bias")) + ("rope_theta",)
 
 
 @dataclass
@@ -45,7 +46,8 @@ def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
 
 
 def build_model(config: Config) -> GPT:
-    """From scratch, from OpenAI's GPT-2 weights (a hub name or local HF dir), or from one of our exports."""
+    """From scratch, from OpenAI's GPT-2 weights (a hub name or local HF dir), or from one of our exports
+    (a .safetensors file, or a directory written by `export --hf`)."""
     source = config.model.init_from
     overrides = dict(
         dropout=config.model.dropout,
@@ -61,7 +63,7 @@ def build_model(config: Config) -> GPT:
     if source.endswith(".safetensors"):
         model = pretrained.load_exported(source, **overrides)
     else:
-        model = pretrained.load_hf_gpt2(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
+        model = pretrained.load_hf(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
     # The run's config must describe the model it trains: checkpoints, exports and FLOP counts are built from it.
     mismatched = [f"{k}={getattr(model.config, k)}" for k in INIT_FROM_FIELDS if getattr(model.config, k) != getattr(config.model, k)]
     if mismatched:

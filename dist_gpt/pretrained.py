@@ -229,12 +229,19 @@ def save_exported(model: GPT, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, path, metadata={"format": "pt", EXPORT_CONFIG_KEY: json.dumps(config)})
+    readable_by_all(path)
+
+
+def readable_by_all(path: Path) -> None:
+    """The permissions open() would give (0644 under the usual umask 022): safetensors writes its files 0600,
+    but an export is made to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def load_exported(path: str | os.PathLike, **overrides) -> GPT:
-    """The GPT saved by save_exported, on the CPU in fp32. overrides: GPTConfig fields that do not change
-    shapes (dropout, attn_backend, loss, ...) and block_size: any with RoPE, a smaller one with learned
-    positions (the table is cropped)."""
+    """The GPT saved by save_exported, on the CPU in fp32; overrides as for build_checked."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file: pass a .safetensors file written by the export")
@@ -250,10 +257,29 @@ def load_exported(path: str | os.PathLike, **overrides) -> GPT:
         saved = GPTConfig(**json.loads(metadata[EXPORT_CONFIG_KEY]))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: its {EXPORT_CONFIG_KEY!r} metadata is not a GPTConfig ({e})") from None
-    config = _with_overrides(saved, overrides, fixed=FIXED_FIELDS, source=path)
+    return build_checked(saved, state_dict, overrides, source=path)
+
+
+def load_hf(source: str | os.PathLike, position: str, rope_theta: float, **overrides) -> GPT:
+    """A Hugging Face directory or hub name: one written by `python -m dist_gpt.export --hf` comes back exactly
+    as exported (its own position, theta and biases); anything else is read as OpenAI's GPT-2 (load_hf_gpt2)."""
+    from dist_gpt import hf_export
+
+    directory = _resolve(source)
+    if hf_export.is_export(directory):
+        saved, state_dict = hf_export.read_export(directory)
+        return build_checked(saved, state_dict, overrides, source=directory)
+    return load_hf_gpt2(directory, position=position, rope_theta=rope_theta, **overrides)
+
+
+def build_checked(saved: GPTConfig, state_dict: dict[str, torch.Tensor], overrides: dict, source: str | os.PathLike) -> GPT:
+    """GPT(saved + overrides) holding state_dict (ours, without a tied lm_head), every tensor's shape checked.
+    overrides: GPTConfig fields that do not change shapes (dropout, attn_backend, loss, ...) and block_size:
+    any with RoPE, a smaller one with learned positions (the table is cropped)."""
+    config = _with_overrides(saved, overrides, fixed=FIXED_FIELDS, source=source)
     if config.position == "learned" and "wpe.weight" in state_dict:  # RoPE tables are recomputed for any block_size
         if config.block_size > saved.block_size:
-            raise UserError(f"block_size={config.block_size} exceeds the {saved.block_size} positions {path} learned: use block_size <= {saved.block_size}")
+            raise UserError(f"block_size={config.block_size} exceeds the {saved.block_size} positions {source} learned: use block_size <= {saved.block_size}")
         state_dict["wpe.weight"] = state_dict["wpe.weight"][: config.block_size]
     wanted = _model_shapes(config)
     del wanted["lm_head.weight"]
@@ -265,7 +291,7 @@ def load_exported(path: str | os.PathLike, **overrides) -> GPT:
         if name in wanted and tuple(t.shape) != wanted[name]
     ]
     if problems:
-        raise UserError(f"{path}: {_summarise(problems, config)}")
+        raise UserError(f"{source}: {_summarise(problems, config)}")
     return _model_from_state_dict(config, state_dict)
 
 
