@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -261,6 +262,14 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T). The context is cropped to the last
         block_size tokens; padded vocabulary rows are never sampled."""
+        for idx in self.generate_steps(idx, max_new_tokens, temperature, top_k):
+            pass
+        return idx
+
+    @torch.no_grad()
+    def generate_steps(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Iterator[torch.Tensor]:
+        """generate() one token at a time, for streaming: yields idx first as given, then after each new token."""
+        yield idx
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]
             logits = self(context)[:, -1, :].float()
@@ -275,7 +284,7 @@ class GPT(nn.Module):
                     logits[logits < kth] = float("-inf")
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
-        return idx
+            yield idx
 
     # -------------------------------------------------------------------------------------- accounting
 

@@ -1,8 +1,11 @@
-"""Generate text from a checkpoint or an export: `python -m dist_gpt.sample --ckpt out/bible-tiny --prompt "En el principio"`."""
+"""Generate text from a checkpoint or an export: `python -m dist_gpt.sample --ckpt out/bible-tiny --prompt "En el principio"`.
+
+Tokens are printed as they are generated."""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 
 import torch
 
@@ -30,8 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     for i in range(args.num_samples):
-        out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
-        print(tokenizer.decode(out[0].tolist()))
+        print(args.prompt, end="", flush=True)
+        # A token may end in the middle of a UTF-8 character: the incremental decoder holds such bytes back.
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        steps = model.generate_steps(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+        next(steps)  # the prompt itself, printed above
+        for ids in steps:
+            print(utf8.decode(tokenizer.decode_bytes(ids[0, -1:].tolist())), end="", flush=True)
+        print(utf8.decode(b"", final=True))
         if i + 1 < args.num_samples:
             print("-" * 40)
 

@@ -55,3 +55,8 @@ def encode_batch(texts: list[str], num_threads: int = 8) -> list[list[int]]:
 
 def decode(ids: list[int]) -> str:
     return gpt2_encoding().decode(ids)
+
+
+def decode_bytes(ids: list[int]) -> bytes:
+    """The raw bytes of ids: a token may hold part of a UTF-8 character, so streams decode bytes incrementally."""
+    return gpt2_encoding().decode_bytes(ids)

@@ -101,3 +101,20 @@ def read_jsonl(path: Path) -> list[dict]:
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """Train loss per step from a run's metrics.jsonl; a step re-run after a resume keeps its last value."""
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def assert_transformers_computes(model, directory: Path, atol: float = 1e-4):
+    """transformers loads DIRECTORY (a `--hf` export) with no custom code and computes MODEL's logits for every
+    id the tokenizer emits, within atol (fp32). Returns the transformers model."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = torch.randint(0, model.config.tokenizer_vocab_size, (2, model.config.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.eval()(ids)[..., : model.config.tokenizer_vocab_size]
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
+    return hf

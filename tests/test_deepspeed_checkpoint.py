@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, losses_by_step, subprocess_env
+from conftest import REPO, TINY_MODEL, assert_transformers_computes, losses_by_step, subprocess_env
 from dist_gpt.checkpoint import Checkpointer, consolidated_state_dict
 from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV
 
@@ -118,6 +118,15 @@ def test_zero3_export_equals_consolidated_weights_and_samples(runs, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     ok(proc)
     assert proc.stdout.strip(), "sample printed nothing"
+
+
+def test_zero3_exports_to_transformers_from_the_command_line(runs, tmp_path):
+    pytest.importorskip("transformers")
+    from dist_gpt.checkpoint import load_model
+
+    ok(subprocess.run([sys.executable, "-m", "dist_gpt.export", str(runs("zero3")), "--hf", str(tmp_path / "hf")],
+                      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120))  # fmt: skip
+    assert_transformers_computes(load_model(runs("zero3")), tmp_path / "hf")
 
 
 def test_consolidated_weights_load_into_gpt(runs):

@@ -1,5 +1,8 @@
 """The model on CPU: RoPE, causality, generation, parameter counts, FLOPs, attention backends."""
 
+import io
+import sys
+
 import pytest
 import torch
 
@@ -93,6 +96,28 @@ def test_generate_runs_past_block_size():
     model = tiny_model(block_size=8)
     out = model.generate(random_ids(1, 6), max_new_tokens=10, temperature=1.0, top_k=20)
     assert out.shape == (1, 16)
+
+
+def test_sample_prints_each_token_as_it_is_generated(tmp_path, monkeypatch):
+    """`python -m dist_gpt.sample` streams: the text grows flush by flush, and in the end it is what generate()
+    makes with the same seed (a token that ends inside a UTF-8 character is held back, never garbled)."""
+    from dist_gpt import sample, tokenizer
+    from dist_gpt.pretrained import save_exported
+
+    model = tiny_model()
+    save_exported(model, tmp_path / "tiny.safetensors")
+    flushed = []
+
+    class Screen(io.StringIO):
+        def flush(self):
+            flushed.append(self.getvalue())
+
+    monkeypatch.setattr(sys, "stdout", Screen())
+    sample.main(["--ckpt", str(tmp_path / "tiny.safetensors"), "--prompt", "Dios", "--max-new-tokens", "12", "--seed", "3", "--device", "cpu"])
+    torch.manual_seed(3)
+    expected = model.generate(torch.tensor([tokenizer.encode("Dios")]), 12, temperature=0.8, top_k=200)
+    assert sys.stdout.getvalue() == tokenizer.decode(expected[0].tolist()) + "\n"
+    assert flushed[0] == "Dios" and len(set(flushed)) > 6, flushed  # the prompt at once, then token by token
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0), dict(temperature=1.0, top_k=5)])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, read_jsonl, subprocess_env
+from conftest import REPO, TINY_MODEL, assert_transformers_computes, read_jsonl, subprocess_env
 from dist_gpt.config import load_config
 from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
@@ -150,6 +150,19 @@ def test_strategy_matches_single(launch, name):
     # The final eval covers the same windows on any world size, dealt out to the ranks.
     (ref_val,), (got_val,) = ([r["val_loss"] for r in x.records if "val_loss" in r] for x in (reference, run))
     assert got_val == pytest.approx(ref_val, rel=LOSS_REL_TOL), f"{name}: val loss {got_val} vs single {ref_val}"
+
+
+@pytest.mark.parametrize("name", ["single", "ddp", "fsdp", "zero2"])
+def test_checkpoint_exports_to_transformers(launch, name, tmp_path):
+    """Each strategy's checkpoint, consolidated, as a transformers directory that computes the same logits
+    (the export's details: test_hf_export.py; ZeRO-3 and the command line: test_deepspeed_checkpoint.py)."""
+    pytest.importorskip("transformers")
+    from dist_gpt.checkpoint import load_model
+    from dist_gpt.hf_export import export_hf
+
+    launch(name).check_ok()
+    model = load_model(launch.out_dir / name)
+    assert_transformers_computes(model, export_hf(model, tmp_path / "hf"))
 
 
 def test_fsdp_on_one_process_says_unsharded(launch):
