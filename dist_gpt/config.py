@@ -8,6 +8,11 @@ the runtime (world size, the data's length) live in `check_runtime`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +31,7 @@ STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides
 @dataclass
 class ModelSection(GPTConfig):
     preset: str = ""  # a name from dist_gpt.model.PRESETS; its shape is the base the other keys override
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 dir | an exported .safetensors
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 dir | an export (.safetensors, or an `export --hf` dir)
 
     def gpt_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
@@ -38,7 +43,7 @@ class DataSection:
     dir: str = ""  # where train.bin / val.bin / meta.json live; default data/<dataset name>
     val_fraction: float = 0.01  # of documents, chosen deterministically
     text_field: str = "text"  # the column holding text in jsonl/parquet/HF data
-    hf_split: str = "train"
+    hf_split: str = "train"  # the split of an hf: dataset to read
     num_proc: int = 0  # tokenizer processes; 0 = one per core
 
 
@@ -48,22 +53,22 @@ class TrainSection:
     global_batch_size: int = 0  # sequences per optimizer step over all ranks; 0 = micro_batch_size x world size
     memory_budget_gb: float = 0.0  # for micro_batch_size auto: memory per rank to fill; 0 = the device's (whole GPU / available RAM)
     memory_headroom: float = 0.08  # for micro_batch_size auto: fraction of the budget kept free
-    max_steps: int = 100
-    lr: float = 6e-4
+    max_steps: int = 100  # optimizer steps of the whole run (a resumed run continues to it)
+    lr: float = 6e-4  # peak learning rate, after warmup
     min_lr: float = 6e-5  # the cosine ends here
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # linear warmup from 0 to lr
     lr_decay_steps: int = 0  # 0 = max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW, on matrices only (not biases, norms)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # 0 = off
     eval_every: int = 50  # steps; 0 = only at the end
-    eval_batches: int = 10
-    seed: int = 1337
+    eval_batches: int = 10  # micro-batches of validation windows per eval
+    seed: int = 1337  # weights, data order and dropout
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
-    compile: bool = False
-    out_dir: str = "out"
+    compile: bool = False  # torch.compile each block (faster steps after a one-off compile)
+    out_dir: str = "out"  # runs live in out_dir/run_name
     run_name: str = ""  # default: the config's name; the run lives in out_dir/run_name
 
 
@@ -73,29 +78,29 @@ class ParallelSection:
     ds_config: str = ""  # DeepSpeed JSON (ds_configs/zero2.json, ...); set by `deepspeed ... --ds_config`
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     fsdp_reshard_after_forward: bool = True  # True: ZeRO-3-like; False: ZeRO-2-like (keeps params gathered)
-    fsdp_cpu_offload: bool = False
+    fsdp_cpu_offload: bool = False  # FSDP keeps parameters, gradients and optimizer state in CPU memory
     activation_checkpointing: bool = False  # recompute each block in backward
 
 
 @dataclass
 class LoggingSection:
-    log_every: int = 10
+    log_every: int = 10  # steps between log lines (and metrics.jsonl records)
     wandb: str = "off"  # off | offline | online
-    wandb_project: str = "dist_gpt"
+    wandb_project: str = "dist_gpt"  # the wandb project runs are logged to
 
 
 @dataclass
 class CheckpointSection:
     every_steps: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1/Ctrl-C)
     every_minutes: float = 0.0  # wall-clock cadence; 0 = off
-    keep_last_k: int = 3
+    keep_last_k: int = 3  # complete checkpoints kept; older ones are deleted after a new one is published
     resume: str = "auto"  # auto | never | PATH
-    async_save: bool = False
+    async_save: bool = False  # write checkpoints in the background while training goes on
 
 
 @dataclass
 class Config:
-    name: str = "custom"
+    name: str = "custom"  # the config's name (a preset's file name); the run dir is out_dir/(run_name or name)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -135,6 +140,54 @@ def dataset_slug(dataset: str) -> str:
         if stem:
             return stem
     return "dataset"
+
+
+# ------------------------------------------------------------------------------------------ showing
+
+
+PRINT_CONFIG_HELP = "print the resolved config as YAML (every key, its value and what it means) and exit"
+
+
+def add_print_config(parser, examples: list[str], overriding: str = "section.key=value overrides any key") -> None:
+    """--print-config, and a --help that says how to list the keys and shows a few command lines."""
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
+    shown = "\n".join(f"  {example}" for example in examples)
+    parser.epilog = f"every key, with its value and meaning: add --print-config. {overriding}, e.g.\n{shown}"
+
+
+def render_config(config: Config) -> str:
+    """The config as YAML that loads back (--config FILE) to the same config: every key with its value and the
+    comment written next to it in the schema (config.py, model.py)."""
+    lines = [_key_line("name", config.name, key_comments(Config).get("name"), indent="")]
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        comments = key_comments(cls)
+        lines += [_key_line(f.name, getattr(getattr(config, section), f.name), comments.get(f.name)) for f in dataclasses.fields(cls)]
+    return "\n".join(lines)
+
+
+def _key_line(key: str, value, comment: str | None, indent: str = "  ") -> str:
+    scalar = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
+    return f"{indent}{key}: {scalar}" + (f"  # {comment}" if comment else "")
+
+
+@functools.lru_cache(maxsize=None)
+def key_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment on its line in the class body (a subclass's wins), read from the source: the
+    schema's comments are its documentation, kept in one place."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        lines: dict[int, list[tokenize.TokenInfo]] = {}
+        for token in tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(klass))).readline):
+            if token.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.NEWLINE):
+                lines.setdefault(token.start[0], []).append(token)
+        for tokens in lines.values():  # a field: `    name: type = default  # comment`, one level in
+            first, second, last = tokens[0], tokens[1] if len(tokens) > 1 else None, tokens[-1]
+            if first.type == tokenize.NAME and first.start[1] == 4 and second and second.string == ":" and last.type == tokenize.COMMENT:
+                comments[first.string] = last.string.lstrip("#").strip()
+    return comments
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -37,16 +37,16 @@ SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "position")
 
 @dataclass
 class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block (head size = n_embd / n_head)
+    n_embd: int = 768  # width of the residual stream
+    block_size: int = 1024  # context length in tokens (the training sequence length)
     vocab_size: int = PADDED_VOCAB_SIZE  # rows of the embedding (padded)
     tokenizer_vocab_size: int = GPT2_VOCAB_SIZE  # ids the tokenizer can emit; generate() never exceeds it
-    dropout: float = 0.0
-    bias: bool = True
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches; 0 = off
+    bias: bool = True  # biases in the Linear and LayerNorm layers (GPT-2 has them)
     position: str = "rope"  # rope | learned
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base: rotation frequencies run from 1 down to ~1/theta radians per position
     attn_backend: str = "auto"  # auto | flash | efficient | cudnn | math
     loss: str = "chunked"  # chunked (never materialises the full logits) | plain
     loss_chunk_tokens: int = 1024  # tokens per chunk of the chunked loss

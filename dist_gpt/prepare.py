@@ -8,7 +8,7 @@ defaults to the config's data.dir, else data/<dataset name> (where training look
 import argparse
 import dataclasses
 
-from dist_gpt.config import Config, DataSection, load_config
+from dist_gpt.config import Config, add_print_config, load_config, render_config
 from dist_gpt.data import prepare_dataset
 from dist_gpt.errors import cli
 
@@ -24,9 +24,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hf-split", help="the split of a hf: dataset to read")
     parser.add_argument("--num-proc", type=int, help="tokenizer threads (0 = one per core)")
     parser.add_argument("--force", action="store_true", help="redo it even if the output is up to date")
+    add_print_config(parser, ["python -m dist_gpt.prepare --dataset 'books/*.txt' --val-fraction 0.02", "python -m dist_gpt.prepare --config bible-tiny --print-config"],
+                     overriding="The flags above set the config's data section (launch/train.py takes data.KEY=value)")  # fmt: skip
     args = parser.parse_args(argv)
 
-    data = load_config(args.config).data if args.config else DataSection()
+    config = load_config(args.config) if args.config else Config()
+    data = config.data
     flags = {
         "dataset": args.dataset,
         "dir": args.out,
@@ -35,8 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
         "hf_split": args.hf_split,
         "num_proc": args.num_proc,
     }
-    data = dataclasses.replace(data, **{key: value for key, value in flags.items() if value is not None})
-    out_dir = Config(data=data).data_dir  # the same default folder the trainer reads
+    config.data = data = dataclasses.replace(data, **{key: value for key, value in flags.items() if value is not None})
+    if args.print_config:
+        print(render_config(config))
+        return {}
+    out_dir = config.data_dir  # the same default folder the trainer reads
     return prepare_dataset(data.dataset, out_dir, data.val_fraction, data.text_field, data.hf_split, data.num_proc, args.force)
 
 

@@ -85,3 +85,50 @@ def test_launcher_reports_config_errors_without_traceback():
     proc = run_python(["launch/train.py", "--config", "bible-tiny", "train.max_steps=-1"], check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: train.max_steps=-1 must be at least 1"
+
+
+# ------------------------------------------------------------------------------------------ --print-config
+
+
+def test_every_key_has_its_comment():
+    """--print-config shows each key's comment from the schema: a key added without one fails here."""
+    import dataclasses
+
+    from dist_gpt.config import SECTIONS, Config, key_comments
+
+    missing = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.name not in key_comments(cls)]
+    assert not missing and "name" in key_comments(Config), f"keys without a comment in config.py / model.py: {missing}"
+
+
+def test_printed_config_loads_back_to_the_same_config(tmp_path):
+    from dist_gpt.config import render_config
+
+    config = load_config("bible-seed", ["train.max_steps=7", "model.position=learned", "data.dir=my data/x", "train.lr=1e-3"])
+    path = tmp_path / "printed.yaml"
+    path.write_text(render_config(config))
+    assert load_config(str(path)) == config
+    assert "  max_steps: 7  # optimizer steps of the whole run" in path.read_text()
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "autotune"])
+def test_each_entry_point_prints_its_config_and_says_how(command, capsys, monkeypatch):
+    import runpy
+    import sys
+
+    from conftest import REPO
+    from dist_gpt import autotune_batch, prepare
+
+    argv = ["--config", "bible-tiny", "train.max_steps=7"] if command != "prepare" else ["--config", "bible-tiny", "--dataset", "books/*.txt"]
+    run = {
+        "train": lambda args: (monkeypatch.setattr(sys, "argv", ["launch/train.py", *args]), runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")),
+        "prepare": prepare.main,
+        "autotune": autotune_batch.main,
+    }[command]
+    run([*argv, "--print-config"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("name: bible-tiny  # ")
+    assert ("  dataset: books/*.txt  # " if command == "prepare" else "  max_steps: 7  # ") in printed
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--print-config" in help_text and "e.g.\n  python " in help_text

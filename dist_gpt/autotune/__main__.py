@@ -8,7 +8,7 @@ from typing import Sequence
 from dist_gpt.autotune import __doc__ as package_doc
 from dist_gpt.autotune.measure import TRIAL_STEPS
 from dist_gpt.autotune.tuner import autotune, say
-from dist_gpt.config import CHOICES, load_config
+from dist_gpt.config import CHOICES, add_print_config, load_config, render_config
 from dist_gpt.distributed import destroy_distributed, init_distributed
 from dist_gpt.errors import UserError, cli
 from dist_gpt.memory import GB
@@ -28,6 +28,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="search even if a cached result exists (and replace it)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.block_size=512 train.global_batch_size=64")
+    add_print_config(parser, ["python -m dist_gpt.autotune_batch --config gpt2-124m-owt --memory-budget-gb 24 model.block_size=512"])
     return parser.parse_args(argv)
 
 
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.ds_config:
         overrides.append(f"parallel.ds_config={args.ds_config}")
     config = load_config(args.config, overrides)
+    if args.print_config:
+        print(render_config(config))
+        return
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
     try:
         report = autotune(config, env, check_strategy(config, env), budget_bytes=args.memory_budget_gb * GB or None,
