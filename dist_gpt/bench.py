@@ -1,7 +1,7 @@
 """Measure training throughput: `python -m dist_gpt.bench --config bible-seed [--steps N] [--strategy S] [--json]`.
 
 Times real training steps (the strategy's forward/backward and optimizer step, one micro-batch per step) after
-warm-up, and prints tokens/s, MFU against the device's peak (a measured matmul on CPU; the data sheet on known
+warm-up, and prints tokens/s, MFU against the device's peak (on CPU a matmul measured once per machine; the data sheet on known
 GPUs), ms per step split into data / forward / backward / optimizer, page faults per step and peak memory.
 
 `--compare A B ...` builds one model per variant (each a quoted list of overrides) and runs their steps
@@ -31,7 +31,7 @@ from dist_gpt.build import build, seed_everything
 from dist_gpt.config import Config, load_config
 from dist_gpt.distributed import DistEnv, destroy_distributed, init_distributed
 from dist_gpt.errors import UserError, cli
-from dist_gpt.metrics import device_peak_flops, synchronize
+from dist_gpt.metrics import PeakFlops, device_peak, synchronize
 from dist_gpt.parallel import BatchShape
 from dist_gpt.step import accumulate_gradients, apply_update
 
@@ -133,14 +133,14 @@ def run_step(variant: Variant, env: DistEnv, generator: torch.Generator, record:
     variant.peak_memory_mb = max(variant.peak_memory_mb, memory_after_forward, current_memory_mb(device))
 
 
-def summarize(variant: Variant, peak_flops: float, world_size: int) -> dict:
+def summarize(variant: Variant, peak: PeakFlops, world_size: int) -> dict:
     step_times = [sum(parts) for parts in zip(*(variant.times[p] for p in PHASES))]
     median_step = statistics.median(step_times)
     tokens_per_s = variant.tokens_per_step / median_step
     return {
         "variant": variant.label,
         "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * variant.flops_per_token / (peak_flops * world_size),
+        "mfu": peak.mfu(tokens_per_s * variant.flops_per_token / world_size),
         "ms_per_step": 1e3 * median_step,
         **{f"ms_{p}": 1e3 * statistics.median(variant.times[p]) for p in PHASES},
         "page_faults_per_step": statistics.median(variant.page_faults),
@@ -154,7 +154,7 @@ def bench(base: str, variant_specs: list[str], common: list[str], steps: int, wa
     try:
         seed_everything(0)
         # Before building the variants: compile workers and model construction would contend with the measurement.
-        peak_flops, peak_source = device_peak_flops(env.device, env.compute_dtype)
+        peak = device_peak(env.device, env.compute_dtype)
         variants = []
         for spec in variant_specs:
             overrides, malloc = split_variant(spec)
@@ -163,7 +163,7 @@ def bench(base: str, variant_specs: list[str], common: list[str], steps: int, wa
         for step in range(warmup + steps):
             for variant in variants:  # interleaved: A B A B ...
                 run_step(variant, env, generator, record=step >= warmup)
-        results = [summarize(v, peak_flops, env.world_size) for v in variants]
+        results = [summarize(v, peak, env.world_size) for v in variants]
         for r in results:
             r["ratio_to_first"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
         v0 = variants[0]
@@ -175,8 +175,8 @@ def bench(base: str, variant_specs: list[str], common: list[str], steps: int, wa
             "strategy": v0.strategy.name,
             "micro_batch_size": v0.config.train.micro_batch_size,
             "block_size": v0.config.model.block_size,
-            "peak_tflops": peak_flops / 1e12,
-            "peak_source": peak_source,
+            "peak_tflops": peak.flops / 1e12,
+            "peak_source": peak.source,
             "attention": v0.strategy.unwrapped_model.attention_backend() if v0.strategy.unwrapped_model is not None else "?",
             "steps": steps,
             "warmup": warmup,

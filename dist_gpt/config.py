@@ -67,6 +67,7 @@ class TrainSection:
     seed: int = 1337  # weights, data order and dropout
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    peak_tflops: float = 0.0  # MFU's yardstick per device; 0 = the GPU's data sheet, or on CPU measured once per machine
     compile: bool = False  # torch.compile each block (faster steps after a one-off compile)
     out_dir: str = "out"  # runs live in out_dir/run_name
     run_name: str = ""  # default: the config's name; the run lives in out_dir/run_name
@@ -321,6 +322,7 @@ def check(config: Config) -> None:
         "train.lr_decay_steps": t.lr_decay_steps,
         "train.eval_every": t.eval_every,
         "train.grad_clip": t.grad_clip,
+        "train.peak_tflops": t.peak_tflops,
         "train.weight_decay": t.weight_decay,
         "checkpoint.every_steps": config.checkpoint.every_steps,
         "checkpoint.every_minutes": config.checkpoint.every_minutes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -58,19 +59,93 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     return best
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from). GPUs: the data-sheet table, else a measured matmul; CPU: measured."""
+REMEASURE_ENV = "DIST_GPT_REMEASURE_PEAK"  # =1: measure this machine's CPU peak again (and replace the cached one)
+
+
+class PeakFlops:
+    """The FLOP/s one rank's MFU is measured against, and where the figure came from.
+
+    GPUs: the data sheet (bf16 dense), else a measured matmul. A CPU has no data sheet: its peak is measured
+    once per machine (the best of a few seconds of matmul windows) and cached, or given as train.peak_tflops.
+    A measurement is not a guaranteed upper bound: a core held by another process during it lowers it, and MFU
+    would read above 100 %. So the peak is max(measured, observed): `mfu` raises it to any throughput a run
+    really achieves and records that in the cache. MFU never exceeds 100 % because the yardstick is the best
+    seen on this machine, not because a figure is clipped."""
+
+    def __init__(self, flops: float, source: str, cache_key: str | None = None):
+        self.flops, self.source, self.cache_key = flops, source, cache_key
+
+    def mfu(self, achieved_flops: float) -> float:
+        """achieved_flops / peak, for one rank's FLOP/s."""
+        if achieved_flops > self.flops:
+            self.flops, self.source = achieved_flops, "observed in training, above the measured matmul"
+            if self.cache_key:
+                _store_cpu_peak(self.cache_key, achieved_flops)
+        return achieved_flops / self.flops
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0) -> PeakFlops:
+    """The peak for this device: train.peak_tflops if given; GPUs the data-sheet table, else a measured matmul;
+    CPUs measured once per machine and cached (DIST_GPT_REMEASURE_PEAK=1 measures again)."""
+    if configured_tflops > 0:
+        return PeakFlops(configured_tflops * 1e12, "train.peak_tflops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak_flops_from_table(name)
         if peak is not None and dtype == torch.bfloat16:
-            return peak, f"{name} data sheet (bf16 dense)"
-        return measure_matmul_flops(device, dtype, size=4096), f"measured {dtype} matmul on {name}"
+            return PeakFlops(peak, f"{name} data sheet (bf16 dense)")
+        return PeakFlops(measure_matmul_flops(device, dtype, size=4096), f"measured {dtype} matmul on {name}")
+    key = f"{_cpu_name()} | {torch.get_num_threads()} threads | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
+    cached = _load_cpu_peaks().get(key)
+    if cached and os.environ.get(REMEASURE_ENV, "") in ("", "0"):
+        return PeakFlops(cached, f"cpu, {torch.get_num_threads()} threads, measured once on this machine ({CPU_PEAK_FILE} in {cache_root()})", key)
     # On CPU a bf16 matmul may be slower than fp32 (no bf16 units): the peak is the faster of the two, so
-    # MFU never reads above 100% because the yardstick was the slow path.
-    candidates = {d: measure_matmul_flops(device, d) for d in {torch.float32, dtype}}
-    best = max(candidates, key=candidates.get)
-    return candidates[best], f"measured {str(best).removeprefix('torch.')} matmul on cpu ({torch.get_num_threads()} threads)"
+    # MFU is never high because the yardstick was the slow path.
+    measured = max(measure_matmul_flops(device, d, windows=20, seconds=0.15) for d in {torch.float32, dtype})
+    _store_cpu_peak(key, measured, replace=True)
+    return PeakFlops(measured, f"cpu, {torch.get_num_threads()} threads, measured now (cached in {cache_root() / CPU_PEAK_FILE})", key)
+
+
+CPU_PEAK_FILE = "cpu_peak_flops.json"
+
+
+def cache_root() -> Path:
+    """Where dist_gpt keeps what it measured on this machine ($DIST_GPT_CACHE, default ~/.cache/dist_gpt)."""
+    root = os.environ.get("DIST_GPT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "dist_gpt"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load_cpu_peaks() -> dict[str, float]:
+    try:
+        peaks = json.loads((cache_root() / CPU_PEAK_FILE).read_text())
+        return peaks if isinstance(peaks, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cpu_peak(key: str, flops: float, replace: bool = False) -> None:
+    """Record a peak (the higher of it and the stored one unless replace); written atomically, and a failure to
+    write (a read-only home) only costs a measurement next time."""
+    peaks = _load_cpu_peaks()
+    peaks[key] = flops if replace else max(flops, peaks.get(key, 0.0))
+    path = cache_root() / CPU_PEAK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write at once: each its own temp file
+        tmp.write_text(json.dumps(peaks, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def synchronize(device: torch.device) -> None:

@@ -15,7 +15,7 @@ from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
 from dist_gpt.distributed import DistEnv, all_reduce_mean, all_reduce_sum, destroy_distributed, init_distributed
 from dist_gpt.errors import UserError
-from dist_gpt.metrics import MetricsLogger, device_peak_flops
+from dist_gpt.metrics import MetricsLogger, device_peak
 from dist_gpt.parallel import BatchShape, Strategy
 from dist_gpt.schedule import CosineSchedule
 from dist_gpt.step import train_step
@@ -92,7 +92,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     loader = TokenLoader(config.data_dir / "train.bin", config.model.block_size, micro_batch, env.rank, env.world_size, seed=t.seed, device=env.device)
     schedule = CosineSchedule(t.lr, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
     state = TrainState()
-    peak_flops, peak_source = device_peak_flops(env.device, env.compute_dtype)  # before the RNG is set: it draws random matrices
+    peak = device_peak(env.device, env.compute_dtype, t.peak_tflops)  # before the RNG is set: it may draw random matrices
     checkpointer = Checkpointer(config, env, strategy, {"loader": loader, "train_state": state})
     resumed_from = checkpointer.resume()
     if not checkpointer.rng_restored:  # a resumed rank continues its saved RNG stream (dropout), bit for bit
@@ -106,7 +106,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
             f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {env.compute_dtype} | "
             f"{model.num_params() / 1e6:.2f}M params | micro-batch {micro_batch} x grad-accum {grad_accum} x world {env.world_size} "
             f"= {tokens_per_step:,} tokens/step | train {meta['train_tokens']:,} tokens | attention {attention} | "
-            f"peak {peak_flops / 1e12:.3f} TFLOP/s ({peak_source})"
+            f"peak {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})"
             + (f" | resumed from {resumed_from} at step {state.step}" if resumed_from else ""),
             flush=True,
         )
@@ -140,7 +140,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                     "grad_norm": result.grad_norm,
                     "ms_per_step": step_seconds * 1e3,
                     "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * flops_per_token / (peak_flops * env.world_size),
+                    "mfu": peak.mfu(tokens_per_s * flops_per_token / env.world_size),
                     **strategy.memory_stats(),
                 }
                 metrics.log(record, console=format_record(record))
@@ -165,7 +165,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         "train_loss": train_loss,
         "val_loss": val_loss,
         "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else math.nan,
-        "mfu": timed_tokens / timed_seconds * flops_per_token / (peak_flops * env.world_size) if timed_seconds else math.nan,
+        "mfu": peak.mfu(timed_tokens / timed_seconds * flops_per_token / env.world_size) if timed_seconds else math.nan,
         "micro_batch_size": micro_batch,
         "grad_accum_steps": grad_accum,
     }
