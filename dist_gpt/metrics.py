@@ -59,7 +59,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     return best
 
 
-REMEASURE_ENV = "DIST_GPT_REMEASURE_PEAK"  # =1: measure this machine's CPU peak again (and replace the cached one)
+REMEASURE_ENV = "DIST_GPT_REMEASURE_PEAK"  # =1: measure this machine's CPU peak again (the cache keeps the higher)
 
 
 class PeakFlops:
@@ -102,7 +102,7 @@ def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: flo
     # On CPU a bf16 matmul may be slower than fp32 (no bf16 units): the peak is the faster of the two, so
     # MFU is never high because the yardstick was the slow path.
     measured = max(measure_matmul_flops(device, d, windows=20, seconds=0.15) for d in {torch.float32, dtype})
-    _store_cpu_peak(key, measured, replace=True)
+    measured = _store_cpu_peak(key, measured)
     return PeakFlops(measured, f"cpu, {torch.get_num_threads()} threads, measured now (cached in {cache_root() / CPU_PEAK_FILE})", key)
 
 
@@ -133,11 +133,12 @@ def _load_cpu_peaks() -> dict[str, float]:
         return {}
 
 
-def _store_cpu_peak(key: str, flops: float, replace: bool = False) -> None:
-    """Record a peak (the higher of it and the stored one unless replace); written atomically, and a failure to
-    write (a read-only home) only costs a measurement next time."""
+def _store_cpu_peak(key: str, flops: float) -> float:
+    """Record a peak and return the one now stored: the higher of it and the old one, since nothing measured or
+    achieved can exceed what the machine can do, while a busy moment can lower a measurement. Written
+    atomically; a failure to write (a read-only home) only costs a measurement next time."""
     peaks = _load_cpu_peaks()
-    peaks[key] = flops if replace else max(flops, peaks.get(key, 0.0))
+    peaks[key] = max(flops, peaks.get(key, 0.0))
     path = cache_root() / CPU_PEAK_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ def _store_cpu_peak(key: str, flops: float, replace: bool = False) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+    return peaks[key]
 
 
 def synchronize(device: torch.device) -> None:
