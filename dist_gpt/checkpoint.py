@@ -140,6 +140,7 @@ class StopRequest:
     """Set by a signal handler; read (agreed over ranks) once per step by the loop."""
 
     signal_name: str | None = None
+    first_at: float = 0.0  # time.monotonic() of the first signal
 
     @property
     def requested(self) -> str | None:
@@ -147,17 +148,21 @@ class StopRequest:
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # schedulers and cloud notebooks send TERM/USR1 before a kill
+# A launcher relays the signal it got to its workers, who got it from the terminal too: torchrun sends the same
+# SIGINT within milliseconds, DeepSpeed's launcher a SIGTERM. Within this window a second signal is that echo.
+RELAYED_SIGNAL_WINDOW_S = 1.0
 
 
 @contextlib.contextmanager
 def catch_stop_signals(stop: StopRequest):
     """While inside, SIGTERM / SIGUSR1 / Ctrl-C ask the loop to finish its step, save and exit. A second
-    Ctrl-C interrupts at once."""
+    Ctrl-C, later than a launcher's relay of the first, interrupts at once."""
 
     def handler(signum, frame):
-        if stop.signal_name == "SIGINT" and signum == signal.SIGINT:
+        if stop.signal_name is None:
+            stop.signal_name, stop.first_at = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - stop.first_at > RELAYED_SIGNAL_WINDOW_S:
             raise KeyboardInterrupt
-        stop.signal_name = signal.Signals(signum).name
 
     previous = {}
     for name in STOP_SIGNALS:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 
 
 class UserError(Exception):
@@ -19,6 +22,20 @@ def cli(main):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
+            tell_torchrun(f"error: {e}")
             sys.exit(2)
 
     return wrapper
+
+
+def tell_torchrun(message: str) -> None:
+    """Under the `torchrun` command, also write the message where its failure report looks (the worker's error
+    file): the report then names our error instead of pointing at its docs. It still prints its traceback,
+    which no worker can prevent: `python launch/train.py --nproc_per_node=N` avoids it (dist_gpt/launcher.py)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the report then says less; the message is on the screen already

@@ -219,14 +219,12 @@ def command(request: Request, config: Config, row: Row, batch: int) -> str:
     args = ["launch/train.py"] + (["--ds_config", option.ds_config] if option.ds_config else []) + ["--config", request.config_name]
     args += kept + [override(k, v) for k, v in changed.items()]
     n, per_node = request.gpus, request.gpus_per_node
-    if n <= per_node:
-        launcher = ["deepspeed", "--num_gpus", str(n)] if option.ds_config else ["torchrun", "--standalone", f"--nproc_per_node={n}"]
-    elif option.ds_config:  # a hostfile with one "nodeI slots=<per node>" line per node
-        launcher = ["deepspeed", "--hostfile", "hostfile"]
-    else:  # run on each of the nodes
-        launcher = ["torchrun", f"--nnodes={n // per_node}", f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
-                    "--rdzv-endpoint=NODE0:29400", "--rdzv-id=run"]
-    return shlex.join(launcher + args)
+    if n > per_node and option.ds_config:  # DeepSpeed's launcher: a hostfile with one "nodeI slots=<per node>" line per node
+        return shlex.join(["deepspeed", "--hostfile", "hostfile"] + args)
+    # launch/train.py starts the processes itself (torchrun's options; dist_gpt/launcher.py); across nodes, run it on each
+    launch = [] if n == 1 else [f"--nproc_per_node={n}"] if n <= per_node else [
+        f"--nnodes={n // per_node}", f"--nproc_per_node={per_node}", "--rdzv-endpoint=NODE0:29400", "--rdzv-id=run"]
+    return shlex.join(["python", args[0], *launch, *args[1:]])
 
 
 def option_settings(option: Option, gpus: int) -> dict:

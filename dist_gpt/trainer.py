@@ -152,8 +152,6 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
             if checkpointer.due(state.step) or state.step == t.max_steps or stop_reason:
                 checkpointer.save(state.step)
             if stop_reason:
-                if env.is_main:
-                    print(f"stopping on {stop_reason} after step {state.step}: checkpoint saved; the same command resumes", flush=True)
                 break
     checkpointer.finish()
 
@@ -171,6 +169,8 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     }
     metrics.log({"summary": summary}, console=f"done: {summary}")
     metrics.close()
+    if stop_reason and env.is_main:  # the last line on the screen
+        print(f"stopping on {stop_reason} after step {state.step}: checkpoint saved; the same command resumes", flush=True)
     return summary
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh Debian/Ubuntu machine, CPU only, a few minutes:
+# The main job on a fresh Debian/Ubuntu machine, CPU only, ~9 minutes on 2 cores:
 # install, get the Spanish Reina-Valera 1909 Bible, prepare it, train `bible-tiny`, sample from it.
 # Re-running it resumes the run (or says it is done) and re-samples.
 set -euo pipefail
@@ -15,5 +15,5 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e .
 
 python -m dist_gpt.prepare --config bible-tiny
-torchrun --standalone --nproc_per_node=1 launch/train.py --config bible-tiny "$@"
+python launch/train.py --config bible-tiny "$@"   # one process: no launcher needed
 python -m dist_gpt.sample --ckpt out/bible-tiny --prompt "En el principio" --max-new-tokens 100

@@ -1,13 +1,19 @@
-"""Train a GPT: `torchrun --nproc_per_node=N launch/train.py --config bible-tiny [section.key=value ...]`.
+"""Train a GPT.
 
-Also `python launch/train.py ...` (one process) and `deepspeed launch/train.py --ds_config ds_configs/zero2.json ...`.
+    python launch/train.py --config bible-tiny [section.key=value ...]          one process
+    python launch/train.py --nproc_per_node=8 --config gpt2-124m-owt            8 processes (DDP, FSDP, DeepSpeed)
+
+`torchrun ... launch/train.py ...` and `deepspeed ... launch/train.py --ds_config ...` start it too; with
+--nproc_per_node (and torchrun's other options) it launches the workers itself, through torchrun's machinery,
+and a mistake or a Ctrl-C ends with our line rather than the launcher's report (dist_gpt/launcher.py says why).
 """
 
 import argparse
+import sys
 
 from dist_gpt.config import add_print_config, load_config, render_config
 from dist_gpt.errors import cli
-from dist_gpt.run import run_training
+from dist_gpt.launcher import add_launch_arguments, launch, preflight, torchrun_argv, wants_launch
 
 
 @cli
@@ -17,10 +23,11 @@ def main() -> None:
     parser.add_argument("--ds_config", "--deepspeed_config", default="", help="DeepSpeed JSON config (selects the deepspeed strategy)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 model.position=learned")
+    add_launch_arguments(parser)
     add_print_config(parser, [
         "python launch/train.py --config bible-tiny train.max_steps=50 train.micro_batch_size=4",
         "python launch/train.py --config bible-seed model.position=learned model.dropout=0.1",
-        "python launch/train.py --config bible-tiny train.run_name=try2 checkpoint.every_minutes=10 logging.wandb=offline",
+        "python launch/train.py --nproc_per_node=2 --config bible-tiny parallel.strategy=fsdp train.run_name=fsdp",
     ])  # fmt: skip
     args = parser.parse_args()
     overrides = list(args.overrides) + ([f"parallel.ds_config={args.ds_config}"] if args.ds_config else [])
@@ -28,6 +35,13 @@ def main() -> None:
     if args.print_config:
         print(render_config(config))
         return
+    if wants_launch(args):
+        preflight(config)  # a mistake is said once, before any worker starts
+        worker_args = ["--config", args.config, *(["--ds_config", args.ds_config] if args.ds_config else []), *args.overrides]
+        sys.exit(launch(torchrun_argv(args, __file__, worker_args)))
+
+    from dist_gpt.run import run_training  # here: --help, --print-config and the launcher need none of its imports
+
     run_training(config)
 
 

@@ -9,6 +9,7 @@ equality tests, so the restored RNG state is exercised as well as the weights, t
 from __future__ import annotations
 
 import random
+import os
 import runpy
 import shutil
 import signal
@@ -104,11 +105,16 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 class Proc:
     """A launched training process whose output goes to a file we can poll."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, new_session: bool = False):
+        """new_session: the process leads its own process group, as a terminal's foreground job (see ctrl_c)."""
         self.log = log
         self.file = open(log, "w")
         self.started = time.time()
-        self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, env=subprocess_env(), stdout=self.file, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, env=subprocess_env(), stdout=self.file, stderr=subprocess.STDOUT, start_new_session=new_session)
+
+    def ctrl_c(self) -> None:
+        """What a terminal does on Ctrl-C: SIGINT to every process of the foreground job (a launcher and its workers)."""
+        os.killpg(self.popen.pid, signal.SIGINT)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -252,19 +258,22 @@ def test_sigterm_and_ctrl_c_save_exit_and_resume(tiny_data, tmp_path):
 
 
 def test_stop_signal_handler():
-    """SIGTERM, SIGUSR1 and a first Ctrl-C only ask to stop; a second Ctrl-C interrupts at once; the previous
-    handlers come back afterwards."""
-    from dist_gpt.checkpoint import StopRequest, catch_stop_signals
+    """SIGTERM, SIGUSR1 and a first Ctrl-C only ask to stop, and the first signal names the stop; a second
+    signal at once is a launcher relaying the first (torchrun: SIGINT again, DeepSpeed: SIGTERM); a second
+    Ctrl-C after that interrupts at once; the previous handlers come back afterwards."""
+    from dist_gpt.checkpoint import RELAYED_SIGNAL_WINDOW_S, StopRequest, catch_stop_signals
 
     previous = signal.getsignal(signal.SIGUSR1)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         stop = StopRequest()
         with catch_stop_signals(stop):
             signal.raise_signal(sig)
+            signal.raise_signal(signal.SIGINT)  # the relay
+            signal.raise_signal(signal.SIGTERM)
             assert stop.requested == sig.name
-            if sig == signal.SIGINT:
-                with pytest.raises(KeyboardInterrupt):
-                    signal.raise_signal(signal.SIGINT)
+            stop.first_at -= RELAYED_SIGNAL_WINDOW_S + 0.1  # later: the user insists
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGUSR1) is previous
 
 

@@ -26,16 +26,20 @@ def config_of(command: str):
     words = shlex.split(command)
     args = words[words.index("launch/train.py") + 1:]
     overrides, config_name = [], None
+    processes = 1
     while args:
         word = args.pop(0)
-        if word == "--config":
+        if word.startswith(("--nproc_per_node=", "--nnodes=")):  # launch/train.py's launcher options
+            processes *= int(word.split("=")[1])
+        elif word.startswith("--rdzv"):
+            pass
+        elif word == "--config":
             config_name = args.pop(0)
         elif word == "--ds_config":
             overrides.append(f"parallel.ds_config={args.pop(0)}")
         else:
             overrides.append(word)
-    gpus = int(words[words.index("--num_gpus") + 1]) if words[0] == "deepspeed" else int(next(w for w in words if w.startswith("--nproc_per_node=")).split("=")[1])
-    return load_config(config_name, overrides), gpus
+    return load_config(config_name, overrides), processes
 
 
 def test_gpt2_124m_on_eight_24gb_gpus():
@@ -53,7 +57,7 @@ def test_gpt2_124m_on_eight_24gb_gpus():
     assert pick["memory_bytes"]["total"] <= result["limit_bytes"] == int(24 * memory.GB * 0.92)
     assert pick["largest_micro_batch"] >= pick["micro_batch"] >= 16
     config, gpus = config_of(pick["command"])
-    assert pick["command"].startswith("torchrun --standalone --nproc_per_node=8 launch/train.py --config gpt2-124m-owt")
+    assert pick["command"].startswith("python launch/train.py --nproc_per_node=8 --config gpt2-124m-owt")
     assert (gpus, config.parallel.strategy, config.train.micro_batch_size) == (8, "ddp", pick["micro_batch"])
     assert not config.parallel.activation_checkpointing and config.train.global_batch_size == 480
 

@@ -1,0 +1,112 @@
+"""Every command in README.md's bash blocks is accounted for, word for word: run here (shortened with overrides,
+in README order, in a scratch directory, through the same entry points: `python -m X` and `python launch/train.py`),
+run by a named test, or listed as not runnable on a CPU, with the reason. A README edit that adds, changes or drops a command fails here
+until this file says how it is covered. The README's Python example (loading the export in transformers) runs too."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import shlex
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_MODEL
+
+# README command -> the arguments that make it short. They run in README order: each may use what the last made.
+SHORT_TRAIN = [*TINY_MODEL, "train.max_steps=2", "train.micro_batch_size=2", "train.eval_batches=1", "checkpoint.every_steps=0"]
+RUN_HERE = {
+    "python launch/train.py --config bible-tiny": SHORT_TRAIN,
+    'python -m dist_gpt.sample --ckpt out/bible-tiny --prompt "En el principio"': ["--max-new-tokens", "4"],
+    "python -m dist_gpt.export out/bible-tiny --out bible-tiny.safetensors": [],
+    'python -m dist_gpt.sample --ckpt bible-tiny.safetensors --prompt "Y dijo Dios"': ["--max-new-tokens", "4"],
+    "python launch/train.py --config bible-tiny model.init_from=bible-tiny.safetensors train.run_name=bible-tiny-more": SHORT_TRAIN,
+    "python -m dist_gpt.export out/bible-tiny --hf bible-tiny-hf": [],
+}
+# README command -> the tests that run it (checked to exist).
+RUN_BY = {
+    "python -m dist_gpt.prepare --config bible-tiny": ["tests/test_data.py::test_real_spanish_bible_matches_the_facts", "tests/test_data.py::test_prepare_entry_point_reads_config_and_flags"],
+    "python launch/train.py --nproc_per_node=2 --config bible-tiny parallel.strategy=fsdp train.run_name=bible-tiny-fsdp": ["tests/test_launch.py::test_ctrl_c_saves_and_the_resume_line_is_the_last"],
+    "python -m dist_gpt.plan --config gpt2-124m-owt --gpus 8 --gpu-memory-gb 24": ["tests/test_plan.py::test_gpt2_124m_on_eight_24gb_gpus"],
+    "python -m dist_gpt.plan --config gpt2-124m-owt --gpus 1 --gpu-memory-gb 24 model.preset=gpt2-xl": ["tests/test_plan.py::test_gpt2_xl_on_one_24gb_gpu_needs_offload"],
+}
+# README command -> why no test runs it on a CPU.
+OWT = "GPT-2 124M on OpenWebText: GPU work, and its data comes from the hub"
+NOT_ON_CPU = {
+    "bash launch/quickstart.sh": "installs system packages and a venv: its three dist_gpt commands are the quick start's, run here",
+    "bash .ci/run": "CI's own command: it runs this test",
+    "python -m dist_gpt.prepare --config gpt2-124m-owt": OWT,
+    "python launch/train.py --config gpt2-124m-owt": OWT,
+    "python launch/train.py --nproc_per_node=8 --config gpt2-124m-owt": OWT,
+    "python launch/train.py --nproc_per_node=8 --config gpt2-124m-owt parallel.strategy=fsdp": OWT,
+    "python launch/train.py --nproc_per_node=8 --config gpt2-124m-owt parallel.strategy=fsdp parallel.fsdp_reshard_after_forward=false": OWT,
+    "python launch/train.py --nproc_per_node=8 --ds_config ds_configs/zero2.json --config gpt2-124m-owt": OWT,
+    "python launch/train.py --nproc_per_node=8 --ds_config ds_configs/zero3-offload.json --config gpt2-124m-owt model.preset=gpt2-xl": OWT,
+    "python launch/train.py --config gpt2-124m-owt train.micro_batch_size=auto": OWT,
+    "python -m dist_gpt.autotune_batch --config gpt2-124m-owt --memory-budget-gb 24": "fills a 24 GB GPU with GPT-2 124M trials (tests/test_autotune.py tunes a tiny model on CPU)",
+    "python launch/train.py --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=node0:29400 --rdzv-id=gpt2run --config gpt2-124m-owt parallel.strategy=fsdp": "two machines",
+    "deepspeed --hostfile hostfile --master_addr node0 --master_port 29500 launch/train.py --ds_config ds_configs/zero2.json --config gpt2-124m-owt": "two machines",
+    "python -m dist_gpt.prepare --config gpt2-finetune-bible": "fetches OpenAI's GPT-2 from the hub (tests/test_trainer.py fine-tunes a local GPT-2 directory)",
+    "python launch/train.py --config gpt2-finetune-bible": "fetches OpenAI's GPT-2 from the hub (tests/test_trainer.py fine-tunes a local GPT-2 directory)",
+    "python launch/train.py --config gpt2-finetune-bible model.init_from=/models/gpt2": "GPT-2 124M on the Bible: tests/test_trainer.py fine-tunes a tiny local GPT-2 directory the same way",
+}
+
+
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's bash blocks: continuation lines joined, comments and blank lines dropped."""
+    commands = []
+    for block in readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(shlex.join(words).replace("'", '"'))
+    return commands
+
+
+def normalised(command: str) -> str:
+    return shlex.join(shlex.split(command)).replace("'", '"')
+
+
+def test_every_readme_command_is_accounted_for():
+    commands = readme_commands()
+    tables = {name: {normalised(c) for c in table} for name, table in (("RUN_HERE", RUN_HERE), ("RUN_BY", RUN_BY), ("NOT_ON_CPU", NOT_ON_CPU))}
+    listed = set().union(*tables.values())
+    unaccounted = [c for c in commands if c not in listed]
+    assert not unaccounted, f"README commands no test accounts for: {unaccounted}: run them in tests/test_readme.py, name the test that does, or say why no CPU can"
+    stale = {name: sorted(table - set(commands)) for name, table in tables.items() if table - set(commands)}
+    assert not stale, f"tests/test_readme.py lists commands the README no longer has: {stale}"
+    for tests in RUN_BY.values():
+        for test in tests:
+            path, name = test.split("::")
+            assert f"def {name}(" in (REPO / path).read_text(), f"{test} does not exist"
+
+
+def test_the_readme_commands_run_as_written(tiny_data, tmp_path, monkeypatch, capsys):
+    """The quick start, export, sample, fine-tune-from-export and --hf commands in a fresh directory (the Bible
+    replaced by the tiny corpus, the model by a tiny one, 2 steps), then the README's transformers example on
+    what they wrote."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shortening = {normalised(c): extra for c, extra in RUN_HERE.items()}
+    for command in (c for c in readme_commands() if c in shortening):
+        words = shlex.split(command)[1:] + shortening[command]  # without `python`
+        try:
+            if words[0] == "-m":
+                monkeypatch.setattr(sys, "argv", words[1:])
+                runpy.run_module(words[1], run_name="__main__", alter_sys=True)
+            else:
+                monkeypatch.setattr(sys, "argv", [*words, f"data.dir={tiny_data}"])
+                runpy.run_path(str(REPO / words[0]), run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, f"{command!r} exited {e.code}: {capsys.readouterr().err[-2000:]}"
+    assert (tmp_path / "out" / "bible-tiny-more" / "checkpoints" / "latest").is_file()
+    (example,) = [b for b in readme_blocks("python") if "from_pretrained" in b]
+    capsys.readouterr()
+    exec(compile(example, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("Y dijo Dios")
