@@ -56,8 +56,8 @@ def load_hf_gpt2(source: str | os.PathLike, position: str = "rope", **overrides)
     attn_backend, loss, block_size: smaller with learned positions, any with RoPE); the shape fields come
     from the checkpoint."""
     directory = _resolve(source)
-    config = _config_from_hf(_read_hf_config(directory), position, overrides, directory)
-    weights_path, hf_state_dict = _read_hf_weights(directory)
+    config = _config_from_hf(read_hf_config(directory), position, overrides, directory)
+    weights_path, hf_state_dict = read_hf_weights(directory)
     try:
         state_dict = hf_state_dict_to_ours(hf_state_dict, config)
     except UserError as e:
@@ -187,10 +187,10 @@ def _download(name: str) -> Path:
         ) from None
 
 
-def _read_hf_config(directory: Path) -> dict:
+def read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
-        raise UserError(f"{directory}: no config.json: pass a Hugging Face GPT-2 directory (config.json + model.safetensors)")
+        raise UserError(f"{directory}: no config.json: pass a Hugging Face directory (config.json + model.safetensors)")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -200,7 +200,7 @@ def _read_hf_config(directory: Path) -> dict:
     return config
 
 
-def _read_hf_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def read_hf_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     for path in (directory / "model.safetensors", directory / "pytorch_model.bin"):
         if not path.is_file():
             continue
