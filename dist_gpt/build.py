@@ -58,12 +58,14 @@ def build_model(config: Config) -> GPT:
     )
     if source == "scratch":
         return GPT(config.model.gpt_config())
-    from dist_gpt import pretrained
+    from dist_gpt import hf_export, pretrained
 
     if source.endswith(".safetensors"):
         model = pretrained.load_exported(source, **overrides)
+    elif hf_export.is_export(source):
+        model = hf_export.load_export(source, **overrides)
     else:
-        model = pretrained.load_hf(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
+        model = pretrained.load_hf_gpt2(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
     # The run's config must describe the model it trains: checkpoints, exports and FLOP counts are built from it.
     mismatched = [f"{k}={getattr(model.config, k)}" for k in INIT_FROM_FIELDS if getattr(model.config, k) != getattr(config.model, k)]
     if mismatched:

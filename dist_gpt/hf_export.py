@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from dist_gpt import tokenizer
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT, GPTConfig, gpt_config_fields
-from dist_gpt.pretrained import TANH_GELUS, read_hf_config, read_hf_weights, readable_by_all
+from dist_gpt.pretrained import TANH_GELUS, build_checked, read_hf_config, read_hf_weights, readable_by_all
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "dist_gpt.safetensors"  # what transformers has no place for: the padding rows and our config
@@ -243,9 +243,19 @@ def write_json(path: Path, data: dict) -> None:
 # ------------------------------------------------------------------------------------------ import
 
 
-def is_export(directory: Path) -> bool:
+def is_export(source: str | os.PathLike) -> bool:
     """A directory export_hf wrote (or any GPT-NeoX one, which only that can be for us)."""
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        return False
     return (directory / SIDECAR).is_file() or read_hf_config(directory).get("model_type") == "gpt_neox"
+
+
+def load_export(directory: str | os.PathLike, **overrides) -> GPT:
+    """The GPT a directory export_hf wrote holds, as exported (its position, theta, biases and padding rows),
+    on the CPU in fp32; overrides as for pretrained.build_checked."""
+    config, state_dict = read_export(directory)
+    return build_checked(config, state_dict, overrides, source=directory)
 
 
 def read_export(directory: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:

@@ -260,18 +260,6 @@ def load_exported(path: str | os.PathLike, **overrides) -> GPT:
     return build_checked(saved, state_dict, overrides, source=path)
 
 
-def load_hf(source: str | os.PathLike, position: str, rope_theta: float, **overrides) -> GPT:
-    """A Hugging Face directory or hub name: one written by `python -m dist_gpt.export --hf` comes back exactly
-    as exported (its own position, theta and biases); anything else is read as OpenAI's GPT-2 (load_hf_gpt2)."""
-    from dist_gpt import hf_export
-
-    directory = _resolve(source)
-    if hf_export.is_export(directory):
-        saved, state_dict = hf_export.read_export(directory)
-        return build_checked(saved, state_dict, overrides, source=directory)
-    return load_hf_gpt2(directory, position=position, rope_theta=rope_theta, **overrides)
-
-
 def build_checked(saved: GPTConfig, state_dict: dict[str, torch.Tensor], overrides: dict, source: str | os.PathLike) -> GPT:
     """GPT(saved + overrides) holding state_dict (ours, without a tied lm_head), every tensor's shape checked.
     overrides: GPTConfig fields that do not change shapes (dropout, attn_backend, loss, ...) and block_size:

@@ -20,7 +20,7 @@ from dist_gpt.export import main as export_main
 from dist_gpt.hf_export import SIDECAR, export_hf, read_export
 from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.pretrained import save_exported
-from dist_gpt.trainer import build_model
+from dist_gpt.build import build_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -86,6 +86,7 @@ def test_every_readme_command_is_accounted_for():
             assert f"def {name}(" in (REPO / path).read_text(), f"{test} does not exist"
 
 
+@pytest.mark.filterwarnings("ignore:'dist_gpt.*' found in sys.modules:RuntimeWarning")  # another test imported it first
 def test_the_readme_commands_run_as_written(tiny_data, tmp_path, monkeypatch, capsys):
     """The quick start, export, sample, fine-tune-from-export and --hf commands in a fresh directory (the Bible
     replaced by the tiny corpus, the model by a tiny one, 2 steps), then the README's transformers example on
