@@ -17,7 +17,7 @@ from dist_gpt import tokenizer
 from dist_gpt.config import load_config
 from dist_gpt.errors import UserError
 from dist_gpt.export import main as export_main
-from dist_gpt.hf_export import SIDECAR, export_hf, read_export
+from dist_gpt.hf_export import SIDECAR, export_hf, load_export, read_export
 from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.pretrained import save_exported
 from dist_gpt.build import build_model
@@ -105,6 +105,19 @@ def test_init_from_the_directory_is_bit_exact(tmp_path, position):
         first, second = (safe_open(tmp_path / d / name, framework="pt") for d in ("hf", "again"))
         assert first.metadata() == second.metadata(), name
         assert first.keys() == second.keys() and all(torch.equal(first.get_tensor(k), second.get_tensor(k)) for k in first.keys()), name
+
+
+def test_a_neox_directory_without_the_side_file_still_loads(tmp_path):
+    """Saved elsewhere (no dist_gpt.safetensors): the config comes from config.json, with biases (zero where we had
+    none), the padding rows are zero; every real id's logit is the same."""
+    model = tiny_gpt("rope", bias=False)
+    export_hf(model, tmp_path / "hf")
+    (tmp_path / "hf" / SIDECAR).unlink()
+    loaded = load_export(tmp_path / "hf")
+    assert loaded.config.bias and loaded.config.rope_theta == 500.0 and not loaded.wte.weight[50257:].any()
+    ids = torch.randint(0, 50257, (1, SHAPE["block_size"]), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[..., :50257], model(ids)[..., :50257], atol=1e-5, rtol=0)
 
 
 def test_the_exported_files_are_readable_by_all(tmp_path):
