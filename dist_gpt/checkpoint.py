@@ -27,22 +27,24 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 import warnings
 import zlib
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 
 from dist_gpt.config import Config
 from dist_gpt.distributed import DistEnv, all_reduce_max
 from dist_gpt.errors import UserError
 from dist_gpt.model import SHAPE_FIELDS
 from dist_gpt.parallel import checkpoint_file_rank, strategy_class
+from dist_gpt.safe_write import attempt_write, describe_write_error, write_atomically
+from dist_gpt.stop_signals import StopRequest, catch_stop_signals
 
 FORMAT = "dist_gpt-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -132,49 +134,6 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# ------------------------------------------------------------------------------------------ signals
-
-
-@dataclass
-class StopRequest:
-    """Set by a signal handler; read (agreed over ranks) once per step by the loop."""
-
-    signal_name: str | None = None
-    first_at: float = 0.0  # time.monotonic() of the first signal
-
-    @property
-    def requested(self) -> str | None:
-        return self.signal_name
-
-
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # schedulers and cloud notebooks send TERM/USR1 before a kill
-# A launcher relays the signal it got to its workers, who got it from the terminal too: torchrun sends the same
-# SIGINT within milliseconds, DeepSpeed's launcher a SIGTERM. Within this window a second signal is that echo.
-RELAYED_SIGNAL_WINDOW_S = 1.0
-
-
-@contextlib.contextmanager
-def catch_stop_signals(stop: StopRequest):
-    """While inside, SIGTERM / SIGUSR1 / Ctrl-C ask the loop to finish its step, save and exit. A second
-    Ctrl-C, later than a launcher's relay of the first, interrupts at once."""
-
-    def handler(signum, frame):
-        if stop.signal_name is None:
-            stop.signal_name, stop.first_at = signal.Signals(signum).name, time.monotonic()
-        elif signum == signal.SIGINT and time.monotonic() - stop.first_at > RELAYED_SIGNAL_WINDOW_S:
-            raise KeyboardInterrupt
-
-    previous = {}
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            previous[name] = signal.signal(getattr(signal, name), handler)
-    try:
-        yield stop
-    finally:
-        for name, old in previous.items():
-            signal.signal(getattr(signal, name), old)
-
-
 # ------------------------------------------------------------------------------------------ the checkpointer
 
 
@@ -186,7 +145,9 @@ class Checkpointer:
         self.config, self.env, self.strategy, self.parts = config, env, strategy, parts
         self.root = config.run_dir / "checkpoints"
         self.last_save_time = time.monotonic()
-        self.pending: tuple | None = None  # an async save in flight: (future, step, tmp_dir, final_dir, parts)
+        self.pending: PendingSave | None = None  # an async save in flight
+        self.failure: str | None = None  # why the newest save was not published (None: it was, or none was tried)
+        self.longest_save_seconds: float | None = None  # from the start of a save to its publication, in this process
         self.last_saved_step: int | None = None  # by this process
         self.rng_restored = False  # set by load(): this rank's RNG continues the saved stream
         self.stop = StopRequest()
@@ -237,26 +198,40 @@ class Checkpointer:
 
     def save(self, step: int) -> None:
         """Save the current state as step `step`. With checkpoint.async_save the files are written in the
-        background and published at the next save, poll or finish."""
+        background and published at the next save, poll or finish.
+
+        Weights that are not finite are never written. A write that fails (a full disk: any OSError, on any
+        rank) is abandoned by every rank alike: its step_N.tmp is removed, the previous checkpoint and `latest`
+        stay as they were, one line says so and the run goes on; `failure` keeps the reason until a save succeeds."""
         self.wait()  # one save in flight at most; also publishes the previous one
         if step == self.last_saved_step:
             return  # already saved at this step (e.g. the end of the run after a periodic save)
+        save = PendingSave(step, self.root / (step_dir_name(step) + ".tmp"), self.root / step_dir_name(step), time.monotonic())
+        if self._agree(not self.strategy.local_weights_finite()):
+            return self._abandon(save, "its weights are not finite (the run diverged)")
         self.last_saved_step = step
-        final_dir = self.root / step_dir_name(step)
-        tmp_dir = self.root / (final_dir.name + ".tmp")
         if self.env.is_main:
-            for stale in self.root.glob("step_*.tmp"):
-                shutil.rmtree(stale)  # left by a crash mid-save (any step): never published, safe to remove
-            tmp_dir.mkdir(parents=True)
+            save.error = attempt_write(self._make_tmp_dir, save.tmp_dir)[1]
         self._barrier()
-        torch.save(rng_state(self.env.device), tmp_dir / f"rng_rank{self.env.rank}.pt")
-        parts = {name: part.state_dict() for name, part in self.parts.items()}
-        future = self.strategy.save_checkpoint(tmp_dir, async_save=self.config.checkpoint.async_save)
+        save.error = save.error or attempt_write(torch.save, rng_state(self.env.device), save.tmp_dir / f"rng_rank{self.env.rank}.pt")[1]
+        save.parts = {name: part.state_dict() for name, part in self.parts.items()}
+        try:  # every rank enters, whatever failed above: DCP's collectives inside must match
+            future = self.strategy.save_checkpoint(save.tmp_dir, async_save=self.config.checkpoint.async_save)
+        except (OSError, RuntimeError, CheckpointException) as e:  # DCP agrees on it: every rank raises
+            save.error, future = save.error or describe_write_error(e), None
         self.last_save_time = time.monotonic()
         if future is None:
-            self._publish(step, tmp_dir, final_dir, parts, self._my_checksums(tmp_dir))
+            mine, error = attempt_write(self._my_checksums, save.tmp_dir) if not save.error else (None, None)
+            save.error = save.error or error
+            self._publish(save, mine)
         else:
-            self.pending = (self._then_checksum(future, tmp_dir), step, tmp_dir, final_dir, parts)
+            save.checksums = self._then_checksum(future, save.tmp_dir)
+            self.pending = save
+
+    def _make_tmp_dir(self, tmp_dir: Path) -> None:
+        for stale in self.root.glob("step_*.tmp"):
+            shutil.rmtree(stale)  # left by a crash mid-save (any step): never published, safe to remove
+        tmp_dir.mkdir(parents=True)
 
     def _then_checksum(self, written: Future, tmp_dir: Path) -> Future:
         """A future of this rank's checksums, computed by the writer thread once its files are written: the
@@ -275,15 +250,18 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Publish an async save whose files are written (called once per step; cheap)."""
-        if self.pending is not None and self._agree(self.pending[0].done()):
+        if self.pending is not None and self._agree(self.pending.checksums.done()):
             self.wait()
 
     def wait(self) -> None:
         if self.pending is None:
             return
-        future, step, tmp_dir, final_dir, parts = self.pending
-        self.pending = None
-        self._publish(step, tmp_dir, final_dir, parts, future.result())
+        save, self.pending = self.pending, None
+        try:
+            mine = save.checksums.result()
+        except (OSError, RuntimeError, CheckpointException) as e:
+            save.error, mine = save.error or describe_write_error(e), None
+        self._publish(save, mine)
 
     def finish(self) -> None:
         self.wait()
@@ -292,31 +270,60 @@ class Checkpointer:
         """[size, CRC32] of each file this rank wrote."""
         return {p.name: [p.stat().st_size, file_crc32(p)] for p in sorted(tmp_dir.iterdir()) if self._written_by_me(p.name)}
 
-    def _publish(self, step: int, tmp_dir: Path, final_dir: Path, parts: dict, mine: dict) -> None:
-        # Each rank checksummed the files it wrote; rank 0 gathers them into the manifest.
-        files = self._gather_dicts(mine)
-        if self.env.is_main:
-            manifest = {
-                "format": FORMAT,
-                "step": step,
-                "strategy": self.strategy.name,
-                "world_size": self.env.world_size,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "parts": parts,
-                "config": self.config.to_dict(),
-                "files": files,
-            }
-            write_atomically(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
-            replaced = final_dir.with_name(final_dir.name + ".old.tmp")
-            if final_dir.exists():
-                # An earlier process's (killed between its rename and `latest`, or a later step of a run resumed
-                # from an older checkpoint): this state replaces it. Skipping the save would leave `latest` behind.
-                os.replace(final_dir, replaced)
-            os.replace(tmp_dir, final_dir)
+    def _publish(self, save: PendingSave, mine: dict | None) -> None:
+        """Every rank brings its checksums (or why it could not write); rank 0 writes the manifest, renames
+        step_N.tmp to step_N and points `latest` at it, or every rank abandons the save."""
+        gathered = self._gather((save.error, mine))  # one collective: every rank's outcome
+        errors = [error for error, _ in gathered if error]
+        if errors:
+            return self._abandon(save, errors[0])
+        error = attempt_write(self._publish_on_main, save, {k: v for _, files in gathered for k, v in files.items()})[1] if self.env.is_main else None
+        errors = [e for e in self._gather(error) if e]  # also the barrier: no rank runs ahead of the rename
+        if errors:
+            return self._abandon(save, errors[0])
+        self.failure = None
+        self.longest_save_seconds = max(self.longest_save_seconds or 0.0, time.monotonic() - save.started)
+
+    def _publish_on_main(self, save: PendingSave, files: dict) -> None:
+        manifest = {
+            "format": FORMAT,
+            "step": save.step,
+            "strategy": self.strategy.name,
+            "world_size": self.env.world_size,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "parts": save.parts,
+            "config": self.config.to_dict(),
+            "files": files,
+        }
+        write_atomically(save.tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
+        final_dir = save.final_dir
+        replaced = final_dir.with_name(final_dir.name + ".old.tmp")
+        if final_dir.exists():
+            # An earlier process's (killed between its rename and `latest`, or a later step of a run resumed
+            # from an older checkpoint): this state replaces it. Skipping the save would leave `latest` behind.
+            os.replace(final_dir, replaced)
+        os.replace(save.tmp_dir, final_dir)
+        try:
             write_atomically(self.root / LATEST, final_dir.name)
-            shutil.rmtree(replaced, ignore_errors=True)
-            self._delete_old(keep=final_dir.name)
-            print(f"checkpoint saved: {final_dir}", flush=True)
+        except OSError:
+            os.replace(final_dir, save.tmp_dir)  # unpublished again: _abandon removes it
+            if replaced.exists():
+                os.replace(replaced, final_dir)
+            raise
+        shutil.rmtree(replaced, ignore_errors=True)
+        self._delete_old(keep=final_dir.name)
+        print(f"checkpoint saved: {final_dir}", flush=True)
+
+    def _abandon(self, save: PendingSave, reason: str) -> None:
+        if self.last_saved_step == save.step:
+            self.last_saved_step = None  # a later call at this step must try again
+        self.failure = f"the checkpoint of step {save.step} was not saved: {reason}"
+        if self.env.is_main:
+            shutil.rmtree(save.tmp_dir, ignore_errors=True)  # every rank is past its writes (DCP or _gather agreed)
+            latest = self.latest()
+            kept = f"{latest} is still the latest" if latest else "there is no earlier checkpoint"
+            free = shutil.disk_usage(self.root).free / 2**20 if self.root.is_dir() else 0
+            print(f"warning: {self.failure}; {kept} ({free:,.0f} MB free there); the run goes on and its next save tries again", flush=True)
         self._barrier()
 
     def _written_by_me(self, name: str) -> bool:
@@ -332,6 +339,11 @@ class Checkpointer:
         for old in complete[: -self.config.checkpoint.keep_last_k]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> str | None:
+        """The newest published checkpoint's directory, if any."""
+        pointer = self.root / LATEST
+        return str(self.root / pointer.read_text().strip()) if pointer.is_file() else None
 
     # ---------------------------------------------------------------- signals
 
@@ -353,12 +365,13 @@ class Checkpointer:
         """True on every rank if it is true on any (so every rank takes the same branch)."""
         return bool(all_reduce_max([float(flag)])[0])
 
-    def _gather_dicts(self, mine: dict) -> dict:
+    def _gather(self, mine) -> list:
+        """Every rank's `mine` (any picklable value), in rank order."""
         if not self.env.distributed:
-            return mine
+            return [mine]
         gathered = [None] * self.env.world_size
         dist.all_gather_object(gathered, mine)
-        return {k: v for d in gathered for k, v in d.items()}
+        return gathered
 
     def _barrier(self) -> None:
         if self.env.distributed:
@@ -366,14 +379,17 @@ class Checkpointer:
 
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename: a reader sees the old content or the new, never half."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass
+class PendingSave:
+    """One save on its way from step_N.tmp to step_N."""
+
+    step: int
+    tmp_dir: Path
+    final_dir: Path
+    started: float  # time.monotonic()
+    parts: dict = field(default_factory=dict)
+    error: str | None = None  # why this rank could not write its part
+    checksums: Future | None = None  # async: this rank's checksums, once its files are written
 
 
 # ------------------------------------------------------------------------------------------ consolidation

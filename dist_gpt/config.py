@@ -24,6 +24,7 @@ import yaml
 from dist_gpt.distributed import DTYPES
 from dist_gpt.errors import UserError
 from dist_gpt.model import CUDA_ONLY_BACKENDS, PRESETS, GPTConfig
+from dist_gpt.time_budget import parse_time_limit
 
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides auto; one module each in parallel/
 
@@ -71,6 +72,8 @@ class TrainSection:
     compile: bool = False  # torch.compile each block (faster steps after a one-off compile)
     out_dir: str = "out"  # runs live in out_dir/run_name
     run_name: str = ""  # default: the config's name; the run lives in out_dir/run_name
+    time_limit: str | float = ""  # e.g. 3h30m, 90m, 2:30:00, or minutes: save and exit 0 before it ends (also $DIST_GPT_TIME_LIMIT)
+    max_skipped_steps: int = 5  # stop (exit != 0) after this many non-finite steps in a row; 0 = never
 
 
 @dataclass
@@ -231,6 +234,8 @@ def _apply_override(raw: dict, item: str) -> None:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, int) and ":" in value:
+        parsed = value  # YAML 1.1 reads 2:30:00 as the base-60 number 9000; a clock time is meant (train.time_limit)
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise UserError(f"override {item!r}: {section!r} is not a section")
@@ -326,10 +331,12 @@ def check(config: Config) -> None:
         "train.weight_decay": t.weight_decay,
         "checkpoint.every_steps": config.checkpoint.every_steps,
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
+        "train.max_skipped_steps": t.max_skipped_steps,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"{key}={value} must not be negative")
+    parse_time_limit(t.time_limit)
     if not 0 < t.lr or not 0 <= t.min_lr <= t.lr:
         raise UserError(f"need 0 < train.lr and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     if not 0.0 < config.data.val_fraction < 1.0:

@@ -101,6 +101,15 @@ def all_reduce_max(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast_from_main(value):
+    """Rank 0's value (any picklable object) on every rank: how ranks learn what only rank 0 found out."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (no-op on a world of one). gloo has no AVG: sum, then divide."""
     if dist.is_available() and dist.is_initialized():

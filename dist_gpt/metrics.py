@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -170,6 +171,18 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     }
 
 
+def strict_json(value):
+    """`value` with every non-finite float as None (JSON null): metrics.jsonl stays strict JSON, which jq,
+    browsers and many loaders insist on (Python's json would write NaN / Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 class MetricsLogger:
     """One JSON object per line in RUN_DIR/metrics.jsonl (always), the console, and wandb when asked.
 
@@ -203,7 +216,7 @@ class MetricsLogger:
     def log(self, record: dict, console: str | None = None) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if console:
             print(console, flush=True)
         if self.wandb_run is not None:

@@ -16,7 +16,8 @@ def run_training(config: Config) -> dict:
     """Train (or resume) the run `config` describes; returns the trainer's summary."""
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
     try:
-        return trainer.train(config, env, resolve_micro_batch_size(config, env))
+        with trainer.enter_run(config, env):  # before the autotuner: bad data or a busy run directory cost nothing
+            return trainer.train(config, env, resolve_micro_batch_size(config, env))
     finally:
         destroy_distributed()
 

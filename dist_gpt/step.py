@@ -7,10 +7,17 @@
 `train_step` is the two in a row; the bench calls them apart to time each. Anything that changes how a
 step treats its gradients (loss scaling, skipping a step whose gradients are not finite) belongs here, once,
 and `StepResult` is where it reports back.
+
+A step whose global gradient norm is not finite is skipped (the strategy's clip_and_step applies nothing and
+drops the gradients). Every rank decides from that same number, which clipping computes anyway (after the
+gradient all-reduce / reduce-scatter, or inside DeepSpeed's step): all ranks skip together, with no extra
+communication. A non-finite loss on any rank back-propagates into non-finite gradients on that rank, which the
+reduction carries into the norm: the norm answers for the loss too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +26,7 @@ import torch
 from dist_gpt.parallel import Strategy
 
 NextBatch = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (inputs, targets) for one micro-batch
+NON_FINITE = "non-finite loss or gradient norm"  # a skip that signals divergence (an fp16 scaler's overflow is another reason)
 
 
 @dataclass
@@ -26,6 +34,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's mean loss over the step's micro-batches, still on the device (no sync)
     grad_norm: float  # the global gradient norm before clipping, the same on every rank
     skipped: bool = False  # the optimizer did not apply this step's gradients
+    skip_reason: str | None = None  # why (NON_FINITE, ...): dist_gpt.step_guard counts only divergence
 
 
 def accumulate_gradients(strategy: Strategy, next_batch: NextBatch, grad_accum: int) -> torch.Tensor:
@@ -40,8 +49,10 @@ def accumulate_gradients(strategy: Strategy, next_batch: NextBatch, grad_accum: 
 
 def apply_update(strategy: Strategy, loss: torch.Tensor, grad_clip: float) -> StepResult:
     """Clip (train.grad_clip, 0 = off) and step on the accumulated gradients."""
-    grad_norm = strategy.clip_and_step(grad_clip)
-    return StepResult(loss, grad_norm)
+    grad_norm = strategy.clip_and_step(grad_clip)  # skips the update itself when the norm is not finite
+    if math.isfinite(grad_norm):
+        return StepResult(loss, grad_norm)
+    return StepResult(loss, grad_norm, skipped=True, skip_reason=NON_FINITE)
 
 
 def train_step(strategy: Strategy, next_batch: NextBatch, grad_accum: int, grad_clip: float) -> StepResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -13,12 +14,16 @@ from dist_gpt.build import build, seed_everything
 from dist_gpt.checkpoint import Checkpointer
 from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
+from dist_gpt.data.check import check_prepared_data
 from dist_gpt.distributed import DistEnv, all_reduce_mean, all_reduce_sum, destroy_distributed, init_distributed
 from dist_gpt.errors import UserError
 from dist_gpt.metrics import MetricsLogger, device_peak
 from dist_gpt.parallel import BatchShape, Strategy
+from dist_gpt.run_lock import hold_run_dir
 from dist_gpt.schedule import CosineSchedule
 from dist_gpt.step import train_step
+from dist_gpt.step_guard import DivergenceGuard
+from dist_gpt.time_budget import TimeBudget, effective_time_limit
 
 WARMUP_STEPS_EXCLUDED = 3  # first steps (allocator warm-up, compilation) are left out of the throughput summary
 
@@ -62,14 +67,25 @@ def train(config: Config, env: DistEnv | None = None, micro_batch_size: int | No
     """Run (or resume) a training run. Returns a summary: final losses, throughput, where the run lives.
 
     micro_batch_size: the size to train with when train.micro_batch_size is `auto` (dist_gpt.run asks the
-    autotuner first). Without env, this joins the process group itself and leaves it at the end."""
+    autotuner first). Without env, this joins the process group itself, goes through the door (enter_run)
+    and leaves the group at the end; with env, the caller has done both."""
     if env is not None:
         return _train(config, env, micro_batch_size)
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
     try:
-        return _train(config, env, micro_batch_size)
+        with enter_run(config, env):
+            return _train(config, env, micro_batch_size)
     finally:
         destroy_distributed()
+
+
+@contextlib.contextmanager
+def enter_run(config: Config, env: DistEnv):
+    """The door of a run, before anything is built: its data checked (one line per problem), its directory
+    held by global rank 0 for the run's life (a second start on it is refused)."""
+    check_prepared_data(config.data_dir, config.model.block_size, config.model.vocab_size)
+    with hold_run_dir(config.run_dir, env.is_main):
+        yield
 
 
 def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
@@ -101,21 +117,29 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     metrics = MetricsLogger(config.run_dir, env.is_main, config.logging.wandb, config.logging.wandb_project, config.to_dict(), state.wandb_run_id)
     state.wandb_run_id = metrics.wandb_run_id
     tokens_per_step = micro_batch * grad_accum * env.world_size * config.model.block_size
+    limit_seconds, limit_source = effective_time_limit(t.time_limit)
+    budget = None
+    if limit_seconds and env.is_main:  # rank 0's clock decides; the stop is agreed like a signal's
+        eval_in_steps = math.ceil(t.eval_batches / env.world_size) / grad_accum
+        budget = TimeBudget(limit_seconds, limit_source, 12 * model.num_params(), eval_in_steps)  # fp32 weights + AdamW's 2 moments
     if env.is_main:
         print(
             f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {env.compute_dtype} | "
             f"{model.num_params() / 1e6:.2f}M params | micro-batch {micro_batch} x grad-accum {grad_accum} x world {env.world_size} "
             f"= {tokens_per_step:,} tokens/step | train {meta['train_tokens']:,} tokens | attention {attention} | "
             f"peak {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})"
+            + (f" | time limit {limit_seconds / 60:.1f} min ({limit_source})" if limit_seconds else "")
             + (f" | resumed from {resumed_from} at step {state.step}" if resumed_from else ""),
             flush=True,
         )
 
-    if state.step >= t.max_steps and env.is_main:
+    already_complete = state.step >= t.max_steps
+    if already_complete and env.is_main:
         print(f"this run is already complete at step {state.step} (train.max_steps={t.max_steps}): raise train.max_steps to train on, or start another run with train.run_name=NAME", flush=True)
     timed_tokens, timed_seconds, steps_this_process = 0, 0.0, 0
-    train_loss = val_loss = math.nan
+    train_loss = val_loss = None
     stop_reason = None
+    guard = DivergenceGuard(t.max_skipped_steps)
     with checkpointer.stop_signals():
         while state.step < t.max_steps:
             step_start = time.perf_counter()
@@ -124,12 +148,15 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
             result = train_step(strategy, loader.next_batch, grad_accum, t.grad_clip)
             state.step += 1
             state.tokens_seen += tokens_per_step
+            guard.record(result)
 
             step_seconds = time.perf_counter() - step_start  # the step synchronises (the grad norm is a float)
             steps_this_process += 1
             if steps_this_process > WARMUP_STEPS_EXCLUDED:
                 timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + step_seconds
-            if state.step % config.logging.log_every == 0 or state.step == t.max_steps:
+            if budget:
+                budget.record_step(step_seconds)
+            if state.step % config.logging.log_every == 0 or state.step == t.max_steps or result.skipped:
                 train_loss = all_reduce_mean(result.loss).item()
                 tokens_per_s = tokens_per_step / step_seconds
                 record = {
@@ -138,18 +165,30 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                     "loss": train_loss,
                     "lr": lr,
                     "grad_norm": result.grad_norm,
+                    **({"skipped": result.skip_reason} if result.skipped else {}),
+                    "skipped_steps": guard.total,
                     "ms_per_step": step_seconds * 1e3,
                     "tokens_per_s": tokens_per_s,
                     "mfu": peak.mfu(tokens_per_s * flops_per_token / env.world_size),
                     **strategy.memory_stats(),
                 }
                 metrics.log(record, console=format_record(record))
+            if guard.diverged:
+                stop_reason = "divergence"
+                break  # no save: the newest checkpoint is the newest good one
             if (t.eval_every and state.step % t.eval_every == 0) or state.step == t.max_steps:
+                eval_start = time.perf_counter()
                 val_loss = evaluate(strategy, config, env, micro_batch)
+                if budget:
+                    budget.record_eval(time.perf_counter() - eval_start)
                 metrics.log({"step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss}, console=f"step {state.step:6d} | val loss {val_loss:.4f}")
             checkpointer.poll()
+            if budget and state.step < t.max_steps:
+                next_eval = bool(t.eval_every and (state.step + 1) % t.eval_every == 0) or state.step + 1 == t.max_steps
+                checkpointer.stop.request(budget.stop_reason(next_eval, checkpointer.longest_save_seconds))
             stop_reason = checkpointer.should_stop()
-            if checkpointer.due(state.step) or state.step == t.max_steps or stop_reason:
+            periodic = checkpointer.due(state.step) and not guard.consecutive  # amid skips: keep the older, healthier ones
+            if periodic or state.step == t.max_steps or stop_reason:
                 checkpointer.save(state.step)
             if stop_reason:
                 break
@@ -160,23 +199,45 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         "strategy": strategy.name,
         "step": state.step,
         "stopped_by": stop_reason,
+        "skipped_steps": guard.total,
         "train_loss": train_loss,
         "val_loss": val_loss,
-        "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else math.nan,
-        "mfu": peak.mfu(timed_tokens / timed_seconds * flops_per_token / env.world_size) if timed_seconds else math.nan,
+        "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None,
+        "mfu": peak.mfu(timed_tokens / timed_seconds * flops_per_token / env.world_size) if timed_seconds else None,
         "micro_batch_size": micro_batch,
         "grad_accum_steps": grad_accum,
     }
-    metrics.log({"summary": summary}, console=f"done: {summary}")
+    if not already_complete:  # a re-run that trained nothing adds nothing to the run's record
+        metrics.log({"summary": summary})
+    if env.is_main:
+        print(format_summary(summary), flush=True)
     metrics.close()
+    if guard.diverged:
+        raise UserError(guard.message(state.step, checkpointer.latest(), t, low_precision=env.compute_dtype != torch.float32))
+    if checkpointer.failure:  # the last save asked for (the final one) did not reach the disk
+        newest = checkpointer.latest()
+        raise UserError(f"{checkpointer.failure}; {'the newest checkpoint is ' + newest if newest else 'no checkpoint was saved'}: free space (or fix the write error) and run the same command to resume")
     if stop_reason and env.is_main:  # the last line on the screen
         print(f"stopping on {stop_reason} after step {state.step}: checkpoint saved; the same command resumes", flush=True)
     return summary
 
 
+def format_summary(s: dict) -> str:
+    """The run's last line: what was reached, and only the numbers this process measured."""
+    measured = [
+        f"train loss {s['train_loss']:.4f}" if s["train_loss"] is not None else "",
+        f"val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else "",
+        f"{s['tokens_per_s']:,.0f} tok/s, MFU {100 * s['mfu']:.1f}%" if s["tokens_per_s"] is not None else "",
+        f"{s['skipped_steps']} skipped steps" if s["skipped_steps"] else "",
+    ]
+    batch = f"{s['strategy']}, micro-batch {s['micro_batch_size']} x grad-accum {s['grad_accum_steps']}"
+    return " | ".join([f"done: step {s['step']}", *filter(None, measured), batch, s["run_dir"]])
+
+
 def format_record(r: dict) -> str:
     memory = " | ".join(f"{k.removeprefix('mem_').removesuffix('_mb')} {v:,.0f} MB" for k, v in r.items() if k.startswith("mem_"))
+    skipped = f" | SKIPPED: {r['skipped']} ({r['skipped_steps']} in this run)" if "skipped" in r else ""
     return (
         f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
-        f"{r['ms_per_step']:.0f} ms | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | {memory}"
+        f"{r['ms_per_step']:.0f} ms | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | {memory}{skipped}"
     )

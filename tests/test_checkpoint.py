@@ -9,21 +9,31 @@ equality tests, so the restored RNG state is exercised as well as the weights, t
 from __future__ import annotations
 
 import random
-import os
-import runpy
 import shutil
 import signal
-import subprocess
-import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, losses_by_step, read_jsonl, run_python, subprocess_env, tiny_overrides
-from dist_gpt.checkpoint import LATEST, MANIFEST, check_model_shape, consolidated_state_dict, read_manifest, verify_files
+from conftest import (
+    Proc,
+    assert_consistent,
+    assert_one_line_error,
+    ckpt_root,
+    latest_name,
+    launch_args,
+    losses_by_step,
+    read_jsonl,
+    run_python,
+    snapshot,
+    step_dirs,
+    tiny_overrides,
+    tmp_dirs,
+    train_cli,
+)
+from dist_gpt.checkpoint import LATEST, MANIFEST, check_model_shape, consolidated_state_dict, read_manifest
 from dist_gpt.config import load_config
 from dist_gpt.errors import UserError
 from dist_gpt.trainer import train
@@ -36,123 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def ckpt_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def latest_name(run_dir: Path) -> str | None:
-    path = ckpt_root(run_dir) / LATEST
-    return path.read_text().strip() if path.is_file() else None
-
-
-def step_dirs(run_dir: Path) -> list[str]:
-    """Published checkpoint directories (step_N), oldest first."""
-    root = ckpt_root(run_dir)
-    return sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")) if root.is_dir() else []
-
-
-def tmp_dirs(run_dir: Path) -> list[str]:
-    root = ckpt_root(run_dir)
-    return sorted(p.name for p in root.glob("*.tmp")) if root.is_dir() else []
-
-
-def assert_consistent(run_dir: Path) -> None:
-    """`latest` names a complete checkpoint, and every published step_N directory is complete and intact."""
-    root = ckpt_root(run_dir)
-    latest = latest_name(run_dir)
-    if latest is None:
-        assert not step_dirs(run_dir), f"checkpoints {step_dirs(run_dir)} but no `latest`"
-        return
-    assert latest in step_dirs(run_dir), f"latest names {latest!r}, not one of {step_dirs(run_dir)}"
-    for name in step_dirs(run_dir):
-        manifest = read_manifest(root / name)  # raises if the directory has no manifest
-        verify_files(root / name, manifest)  # sizes and CRC32 of every file
-        assert manifest["step"] == int(name.removeprefix("step_"))
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under root: (size, CRC32). Equal snapshots = nothing written, deleted or renamed."""
-    return {str(p.relative_to(root)): (p.stat().st_size, zlib.crc32(p.read_bytes())) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def train_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """`python launch/train.py ARGS` in this process: (exit code, stdout, stderr). An exception other than
-    SystemExit (a traceback, for a user) propagates and fails the test."""
-    argv = sys.argv
-    sys.argv = ["launch/train.py", *args]
-    try:
-        runpy.run_path(str(REPO / "launch" / "train.py"), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, f"exit code {code}, stderr:\n{err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"not a one-line error:\n{err}"
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-
-
-class Proc:
-    """A launched training process whose output goes to a file we can poll."""
-
-    def __init__(self, args: list[str], log: Path, new_session: bool = False):
-        """new_session: the process leads its own process group, as a terminal's foreground job (see ctrl_c)."""
-        self.log = log
-        self.file = open(log, "w")
-        self.started = time.time()
-        self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, env=subprocess_env(), stdout=self.file, stderr=subprocess.STDOUT, start_new_session=new_session)
-
-    def ctrl_c(self) -> None:
-        """What a terminal does on Ctrl-C: SIGINT to every process of the foreground job (a launcher and its workers)."""
-        os.killpg(self.popen.pid, signal.SIGINT)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, predicate, timeout: float = 60.0, poll: float = 0.02) -> bool:
-        """Poll until predicate() is true (-> True) or the process exits first (-> False)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            if self.popen.poll() is not None:
-                return bool(predicate())
-            time.sleep(poll)
-        self.kill()
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting; output:\n{self.text()[-3000:]}")
-
-    def wait_for_line(self, fragment: str, timeout: float = 60.0) -> bool:
-        return self.wait_for(lambda: fragment in self.text(), timeout)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()  # SIGKILL: no handler, no cleanup, like a rented GPU going away
-        self.finish(10)
-
-    def finish(self, timeout: float = 60.0) -> int:
-        try:
-            code = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
-            raise AssertionError(f"did not exit within {timeout:.0f} s; output:\n{self.text()[-3000:]}") from None
-        finally:
-            self.file.close()
-        return code
-
-
-def launch_args(data: Path, out: Path, run: str, **extra) -> list[str]:
-    return ["launch/train.py", "--config", "bible-tiny", *tiny_overrides(data, out, run, **extra)]
 
 
 # ---------------------------------------------------------------------------------------------- kill -9
@@ -261,7 +154,7 @@ def test_stop_signal_handler():
     """SIGTERM, SIGUSR1 and a first Ctrl-C only ask to stop, and the first signal names the stop; a second
     signal at once is a launcher relaying the first (torchrun: SIGINT again, DeepSpeed: SIGTERM); a second
     Ctrl-C after that interrupts at once; the previous handlers come back afterwards."""
-    from dist_gpt.checkpoint import RELAYED_SIGNAL_WINDOW_S, StopRequest, catch_stop_signals
+    from dist_gpt.stop_signals import RELAYED_SIGNAL_WINDOW_S, StopRequest, catch_stop_signals
 
     previous = signal.getsignal(signal.SIGUSR1)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):

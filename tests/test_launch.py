@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, subprocess_env, tiny_overrides
+from conftest import REPO, Proc, subprocess_env, tiny_overrides
 from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV
-from test_checkpoint import Proc
 from test_readme import readme_commands
 
 TIMEOUT_S = 180

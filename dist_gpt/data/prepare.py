@@ -106,6 +106,7 @@ def prepare_dataset(
         "vocab_size": gpt2_encoding().n_vocab,
         "eot_id": EOT_ID,
         "dtype": np.dtype(TOKEN_DTYPE).name,
+        "max_token_id": writer.max_token_id,
         "source_kind": source.kind,
         "document": source.document_unit,
         "split_rule": "val if blake2b-64(document UTF-8) / 2^64 < val_fraction; an empty side gets the document nearest the threshold",
@@ -210,6 +211,7 @@ class SplitWriter:
         self.tokens = dict.fromkeys(SPLITS, 0)
         self.documents = dict.fromkeys(SPLITS, 0)
         self.edges: dict[str, _Edge | None] = dict.fromkeys(SPLITS, None)
+        self.max_token_id = -1  # recorded in meta.json: the trainer checks it against model.vocab_size
 
     def __enter__(self) -> SplitWriter:
         return self
@@ -230,6 +232,8 @@ class SplitWriter:
     def append(self, split: str, ids: np.ndarray) -> None:
         ids.tofile(self.files[split])
         self.tokens[split] += len(ids)
+        if len(ids):
+            self.max_token_id = max(self.max_token_id, int(ids.max()))
 
     def ensure_both_splits_have_text(self, dataset: str) -> None:
         total = sum(self.documents.values())

@@ -45,6 +45,7 @@ class Strategy(ABC):
         self.model: nn.Module | None = None  # the wrapped model (what forward runs)
         self.unwrapped_model: nn.Module | None = None  # the GPT inside (its state dict keys are the plain ones)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.async_save_group = None  # DCP's background writer's own process group, made at the first async save
 
     @abstractmethod
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, batch: BatchShape) -> None:
@@ -77,7 +78,8 @@ class Strategy(ABC):
     @abstractmethod
     def clip_and_step(self, max_norm: float) -> float:
         """Clip the global gradient norm (max_norm 0 = no clipping), step the optimizer, zero the gradients.
-        Returns the gradient norm before clipping (the same on every rank)."""
+        Returns the gradient norm before clipping (the same on every rank). A norm that is not finite skips the
+        optimizer step (the gradients are dropped): every rank sees the same norm, so every rank skips."""
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -91,6 +93,13 @@ class Strategy(ABC):
             loss = self.model(x, y)
         self.model.train()
         return loss.detach()
+
+    @torch.no_grad()
+    def local_weights_finite(self) -> bool:
+        """Whether this rank's part of the weights (its FSDP or ZeRO-3 shard, else the whole model) is finite:
+        asked before every checkpoint, so diverged weights are never written. The caller agrees over ranks."""
+        shards = [_local_part(p) for p in self.unwrapped_model.parameters()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in shards if t.numel()]).all())
 
     def memory_stats(self) -> dict[str, float]:
         """Peak memory of this process in MB (CUDA allocator peaks on GPU, resident set on CPU)."""
@@ -107,7 +116,11 @@ class Strategy(ABC):
         state = self._tensor_state()
         no_dist = not dist.is_initialized()  # one process without a group: DCP then needs no collectives
         if async_save:
-            return dcp.async_save(state, checkpoint_id=str(path), no_dist=no_dist)
+            if not no_dist and self.async_save_group is None:
+                # The writer thread's collectives (plans, metadata) on the loop's group would interleave with the
+                # loop's own differently on each rank and hang; a group of its own keeps them apart.
+                self.async_save_group = dist.new_group(backend="gloo")
+            return dcp.async_save(state, checkpoint_id=str(path), no_dist=no_dist, process_group=self.async_save_group)
         dcp.save(state, checkpoint_id=str(path), no_dist=no_dist)
         return None
 
@@ -166,6 +179,13 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _local_part(param: torch.Tensor) -> torch.Tensor:
+    """The elements of a parameter this rank holds: an FSDP2 DTensor's local shard, a ZeRO-3 partition."""
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    return getattr(param, "ds_tensor", param)
 
 
 def transformer_blocks(model: nn.Module) -> Iterable[nn.Module]:

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import io
+import math
 import os
 import re
 import shutil
@@ -92,6 +93,8 @@ def resolve_ds_config(raw: dict, config: Config, env: DistEnv, micro_batch_size:
     fill(ds, "gradient_clipping", float(config.train.grad_clip), "train.grad_clip")
 
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("compute_grad_norm", True) is False:
+        raise UserError(f"{source} sets zero_optimization.compute_grad_norm=false, but the gradient norm is what the log shows and what skips a non-finite step: remove it")
     hidden = config.model.n_embd
     # Hugging Face's rule of thumb for the bucket sizes, scaled to the model's width.
     for key, value in {
@@ -174,8 +177,13 @@ class DeepSpeedStrategy(Strategy):
             # already averaged over ranks, so measure them before the step.
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads))
-            self.engine.step()
+            if math.isfinite(norm):
+                self.engine.step()
+            else:
+                self.engine.zero_grad()
             return norm
+        # The ZeRO optimizers (and DeepSpeed's bf16 one) skip a step whose norm is not finite themselves, drop
+        # its gradients and report the norm as inf.
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # the ZeRO optimizers' pre-clipping norm
         return float(norm) if norm is not None else float("nan")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn as nn
 
 from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy, clip_grad_norm
@@ -29,6 +31,7 @@ class SingleDevice(Strategy):
 
     def clip_and_step(self, max_norm: float) -> float:
         norm = clip_grad_norm(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        if math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
