@@ -60,8 +60,8 @@ class RunLock:
 
 @contextlib.contextmanager
 def hold_run_dir(run_dir: Path, is_main: bool):
-    """Global rank 0 holds the run directory's lock while inside; when another run holds it, every rank raises
-    the same UserError (so none waits for a rank that has left)."""
+    """Global rank 0 holds the run directory's lock while inside; when another run holds it, every rank leaves
+    (none waits for a rank that has gone), rank 0 with the UserError, the others quietly with the same exit code."""
     lock = RunLock(run_dir)
     refusal = None
     if is_main:
@@ -71,7 +71,9 @@ def hold_run_dir(run_dir: Path, is_main: bool):
             refusal = str(e)
     refusal = broadcast_from_main(refusal)
     if refusal:
-        raise UserError(refusal)
+        if is_main:
+            raise UserError(refusal)
+        raise SystemExit(2)  # rank 0 says why, once
     try:
         yield
     finally:

@@ -61,6 +61,19 @@ def test_divergence_skips_stops_and_keeps_the_good_checkpoints(tiny_data, tmp_pa
     assert "done: step 10 | train loss nan |" in out and "| 5 skipped steps |" in out  # what happened, on one line
 
 
+def test_divergence_on_two_fsdp_ranks_stops_every_rank(tiny_data, tmp_path, capsys):
+    """The same under torchrun with 2 FSDP ranks (resumed, resharded, from a one-process checkpoint): each rank
+    holds half of the gradients, all see the same global norm, so all skip together and all stop; none hangs."""
+    common = dict(checkpoint__every_steps=2, train__lr_decay_steps=40)
+    assert train_cli(launch_args(tiny_data, tmp_path, "run", train__max_steps=4, **common)[1:], capsys)[0] == 0
+    args = launch_args(tiny_data, tmp_path, "run", train__max_steps=40, train__lr=1e30, train__grad_clip=0, parallel__strategy="fsdp", **common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "error: the run diverged: steps 6-10 (5 in a row" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "fsdp on 2 x cpu" in proc.stdout and "checkpoint saved" not in proc.stdout
+    assert latest_name(tmp_path / "run") == "step_000004"
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
