@@ -30,6 +30,7 @@ class Built:
     model: GPT  # the plain GPT inside the strategy's wrappers (its hooks see every forward)
     batch: BatchShape
     flops_per_token: int  # counted before wrapping (sharding leaves no whole parameters to count)
+    params: int  # all parameters (a tied wte/lm_head once), counted before wrapping too
 
 
 def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
@@ -40,9 +41,9 @@ def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
     model = build_model(config)
     if config.train.compile:
         compile_blocks(model)
-    flops_per_token = model.flops_per_token()
+    flops_per_token, params = model.flops_per_token(), model.num_params(non_embedding=False)
     strategy.wrap(model, make_optimizer_factory(config, env.device), batch)
-    return Built(strategy, model, batch, flops_per_token)
+    return Built(strategy, model, batch, flops_per_token, params)
 
 
 def build_model(config: Config) -> GPT:
@@ -65,7 +66,9 @@ def build_model(config: Config) -> GPT:
     elif hf_export.is_export(source):
         model = hf_export.load_export(source, **overrides)
     else:
-        model = pretrained.load_hf_gpt2(source, position=config.model.position, rope_theta=config.model.rope_theta, **overrides)
+        model = pretrained.load_hf_gpt2(
+            source, position=config.model.position, rope_theta=config.model.rope_theta, tie_embeddings=config.model.tie_embeddings, **overrides
+        )
     # The run's config must describe the model it trains: checkpoints, exports and FLOP counts are built from it.
     mismatched = [f"{k}={getattr(model.config, k)}" for k in INIT_FROM_FIELDS if getattr(model.config, k) != getattr(config.model, k)]
     if mismatched:

@@ -111,7 +111,7 @@ def file_crc32(path: Path) -> int:
 
 def check_model_shape(ckpt_dir: Path, manifest: dict, config: Config) -> None:
     """The checkpoint's model must agree with the run's on the shape fields (others, e.g. dropout, may change)."""
-    saved = manifest["config"]["model"]
+    saved = {"tie_embeddings": True, **manifest["config"]["model"]}  # checkpoints from before the key were tied
     fields = SHAPE_FIELDS + (("block_size",) if config.model.position == "learned" else ())  # the wpe table's rows
     diffs = [f"{k}={saved.get(k)!r} (this run: {getattr(config.model, k)!r})" for k in fields if saved.get(k) != getattr(config.model, k)]
     if diffs:

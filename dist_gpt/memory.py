@@ -65,9 +65,9 @@ def block_params(c: GPTConfig) -> int:
 
 
 def root_params(c: GPTConfig) -> int:
-    """What no block owns: wte (= lm_head, tied), the learned position table, ln_f."""
+    """What no block owns: wte (= lm_head when tied, else lm_head's own V x C too), the learned position table, ln_f."""
     C = c.n_embd
-    return c.vocab_size * C + (c.block_size * C if c.position == "learned" else 0) + (2 * C if c.bias else C)
+    return c.vocab_size * C * (1 if c.tie_embeddings else 2) + (c.block_size * C if c.position == "learned" else 0) + (2 * C if c.bias else C)
 
 
 def param_count(c: GPTConfig) -> int:

@@ -32,7 +32,7 @@ ATTENTION_BACKENDS = {
 CUDA_ONLY_BACKENDS = ("efficient", "cudnn")
 # The GPTConfig fields that fix the parameters' shapes: a checkpoint or an export decides them, and the model
 # it is loaded into must agree (the others, e.g. dropout or block_size with RoPE, may change).
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "position")
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "position", "tie_embeddings")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class GPTConfig:
     tokenizer_vocab_size: int = GPT2_VOCAB_SIZE  # ids the tokenizer can emit; generate() never exceeds it
     dropout: float = 0.0  # on embeddings, attention weights and residual branches; 0 = off
     bias: bool = True  # biases in the Linear and LayerNorm layers (GPT-2 has them)
+    tie_embeddings: bool = True  # lm_head reuses wte (GPT-2's choice); false: its own V x C matrix (the seed's log)
     position: str = "rope"  # rope | learned
     rope_theta: float = 10000.0  # RoPE base: rotation frequencies run from 1 down to ~1/theta radians per position
     attn_backend: str = "auto"  # auto | flash | efficient | cudnn | math
@@ -219,7 +220,8 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = LMHead(config)
-        self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2: the same matrix reads and writes tokens
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2: the same matrix reads and writes tokens
         self.reset_parameters()
 
     @torch.no_grad()
@@ -228,8 +230,8 @@ class GPT(nn.Module):
         residual stream's variance does not grow with depth; biases zero, LayerNorms identity."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
-            if isinstance(module, LMHead):
-                continue  # tied to wte, initialised there
+            if isinstance(module, LMHead) and self.config.tie_embeddings:
+                continue  # it is wte, initialised there
             if isinstance(module, nn.Linear):
                 std = residual_std if name.endswith("c_proj") else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -289,11 +291,15 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------------------- accounting
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count (the tied wte/lm_head matrix once). non_embedding drops the position table:
-        it is a lookup, while the token matrix also does the output projection's work."""
+        """Parameter count (a tied wte/lm_head matrix once). non_embedding drops the tables that are only
+        looked up, so that 6N counts the matmuls: the position table, and wte when lm_head has its own matrix
+        (tied, wte also does the output projection's work and stays counted)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.wpe is not None:
-            n -= self.wpe.weight.numel()
+        if non_embedding:
+            lookups = [self.wpe] if self.wpe is not None else []
+            if not self.config.tie_embeddings:
+                lookups.append(self.wte)
+            n -= sum(table.weight.numel() for table in lookups)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

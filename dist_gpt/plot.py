@@ -1,33 +1,18 @@
-"""Plot a run's train and val loss against steps and tokens: `python -m dist_gpt.plot out/bible-tiny`."""
+"""Train and val loss of one run or several, overlaid, by step and by tokens seen:
+`python -m dist_gpt.plot out/bible-tiny` or `python -m dist_gpt.plot out/rope out/learned --out rope-vs-learned.png`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from dist_gpt.errors import UserError, cli
+from dist_gpt.runs import Run, read_runs
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"no metrics.jsonl in {run_dir}: give the run directory (train.out_dir/train.run_name)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def last_per_step(records: list[dict], key: str) -> list[dict]:
-    """A resumed run re-logs the steps after its checkpoint: keep the last value of each step."""
-    by_step = {r["step"]: r for r in records if key in r}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-@cli
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("run_dir")
-    parser.add_argument("--out", default="", help="PNG path (default RUN_DIR/loss.png)")
-    args = parser.parse_args(argv)
+def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
+    """Two panels (x = step, x = tokens); each run one colour: train a thin line, val a thick line with dots.
+    Steps where a run logged a non-finite loss are gaps in its line."""
     try:
         import matplotlib
 
@@ -35,21 +20,42 @@ def main(argv: list[str] | None = None) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install 'dist_gpt[plot]'") from None
-    run_dir = Path(args.run_dir)
-    records = read_metrics(run_dir)
-    train, val = last_per_step(records, "loss"), last_per_step(records, "val_loss")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, x_key, label in ((axes[0], "step", "step"), (axes[1], "tokens", "tokens seen")):
-        ax.plot([r[x_key] for r in train], [r["loss"] for r in train], label="train")
-        ax.plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+        for i, run in enumerate(runs):
+            colour = colours[i % len(colours)]
+            for points, style in ((run.train, dict(lw=0.8, alpha=0.5)), (run.val, dict(lw=2.0, marker="o", ms=3))):
+                xs = [getattr(p, x_key) for p in points]
+                ys = [float("nan") if p.value is None else p.value for p in points]  # NaN breaks the line
+                ax.plot(xs, ys, color=colour, **style)
+            ax.plot([], [], color=colour, lw=2.0, label=run.name)  # one legend entry per run
+        ax.plot([], [], color="grey", lw=0.8, alpha=0.5, label="train (thin)")
+        ax.plot([], [], color="grey", lw=2.0, marker="o", ms=3, label="val (dots)")
         ax.set_xlabel(label)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(run_dir.name)
+    axes[1].legend(fontsize="small", loc="upper right")
+    fig.suptitle(title or ", ".join(run.name for run in runs))
     fig.tight_layout()
-    out = Path(args.out) if args.out else run_dir / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN", help="run directories (train.out_dir/train.run_name)")
+    parser.add_argument("--out", default="", help="PNG path (default: RUN/loss.png for one run, loss.png here for several)")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    runs = read_runs(args.run_dirs)
+    for run in runs:
+        if not run.train and not run.val:
+            raise UserError(f"{run.path}/metrics.jsonl has no losses yet: let the run log a step first")
+    out = Path(args.out) if args.out else (runs[0].path / "loss.png" if len(runs) == 1 else Path("loss.png"))
+    plot_runs(runs, out, args.title)
     print(f"wrote {out}")
 
 

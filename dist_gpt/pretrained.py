@@ -5,7 +5,9 @@ Hugging Face GPT-2 (`load_hf_gpt2`): a local directory holding `config.json` and
 there is internet. Our module names are HF's without the `transformer.` prefix; the differences are:
   - HF stores the attention and MLP matrices as Conv1D, shaped (in, out): we transpose them to nn.Linear's (out, in);
   - HF keeps the causal mask as buffers (`attn.bias`, `attn.masked_bias`): SDPA's is_causal replaces them;
-  - the embedding is padded from 50257 to 50304 rows; `lm_head` is tied to `wte`, so it is not read.
+  - the embedding is padded from 50257 to 50304 rows; `lm_head` is tied to `wte`, so it is not read (with
+    tie_embeddings=false our lm_head gets its own copy of wte: it starts as GPT-2's output layer and then
+    trains apart from the input embedding).
 With position='rope' everything but the learned position table `wpe` is loaded, and positions are relearned.
 
 Our export (`save_exported` / `load_exported`): one .safetensors file with our state dict, and the GPTConfig as
@@ -69,9 +71,9 @@ def load_hf_gpt2(source: str | os.PathLike, position: str = "rope", **overrides)
 
 
 def hf_state_dict_to_ours(hf_state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Rename, transpose, pad and crop HF GPT-2 tensors into the state dict of GPT(config), without lm_head
-    (tied to wte). Raises one UserError listing every key that is missing, unexpected or of the wrong shape,
-    with shapes as the checkpoint stores them."""
+    """Rename, transpose, pad and crop HF GPT-2 tensors into the state dict of GPT(config): lm_head is left
+    out when tied to wte, and is a copy of wte when not. Raises one UserError listing every key that is
+    missing, unexpected or of the wrong shape, with shapes as the checkpoint stores them."""
     wanted = _model_shapes(config)
     del wanted["lm_head.weight"]
     ours, seen, problems = {}, set(), []
@@ -93,6 +95,8 @@ def hf_state_dict_to_ours(hf_state_dict: dict[str, torch.Tensor], config: GPTCon
     problems += [f"{name}: missing from the checkpoint" for name in wanted if name not in seen]
     if problems:
         raise UserError(_summarise(problems, config))
+    if not config.tie_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"].clone()  # GPT-2's output layer is its wte: start the untied head there
     return ours
 
 
@@ -133,8 +137,9 @@ def _config_from_hf(hf: dict, position: str, overrides: dict, directory: Path) -
     if unsupported:
         raise UserError(f"{where}: {unsupported}, which our GPT does not implement")
     base = GPTConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"], block_size=shape["n_positions"], position=position, bias=True)
-    # vocab_size may differ: the padding of the embedding is ours to choose, not the checkpoint's.
-    fixed = tuple(name for name in FIXED_FIELDS if name != "vocab_size")
+    # vocab_size may differ: the padding of the embedding is ours to choose, not the checkpoint's; and so may
+    # tie_embeddings: an untied head starts as a copy of the tied matrix.
+    fixed = tuple(name for name in FIXED_FIELDS if name not in ("vocab_size", "tie_embeddings"))
     config = _with_overrides(base, overrides, fixed=fixed, source=where)
     if position == "learned" and config.block_size > shape["n_positions"]:
         raise UserError(f"block_size={config.block_size} exceeds the checkpoint's n_positions={shape['n_positions']}: learned positions stop there; use block_size <= {shape['n_positions']} or position='rope'")
@@ -223,8 +228,9 @@ def read_hf_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 def save_exported(model: GPT, path: str | os.PathLike) -> None:
     """Write an unwrapped GPT (full tensors, not DDP/FSDP/DeepSpeed shards) to one .safetensors file.
 
-    lm_head.weight is left out: it is wte.weight, and safetensors refuses tensors that share memory."""
-    state_dict = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    A tied lm_head.weight is left out: it is wte.weight, and safetensors refuses tensors that share memory."""
+    tied = model.config.tie_embeddings
+    state_dict = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
     config = {name: getattr(model.config, name) for name in gpt_config_fields()}  # GPTConfig's fields only, not a subclass's
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +276,8 @@ def build_checked(saved: GPTConfig, state_dict: dict[str, torch.Tensor], overrid
             raise UserError(f"block_size={config.block_size} exceeds the {saved.block_size} positions {source} learned: use block_size <= {saved.block_size}")
         state_dict["wpe.weight"] = state_dict["wpe.weight"][: config.block_size]
     wanted = _model_shapes(config)
-    del wanted["lm_head.weight"]
+    if config.tie_embeddings:
+        del wanted["lm_head.weight"]
     problems = [f"{name}: missing from the checkpoint" for name in wanted if name not in state_dict]
     problems += [f"{name}: unexpected, the model has no such tensor" for name in state_dict if name not in wanted]
     problems += [
@@ -307,17 +314,19 @@ def _model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
-    """GPT(config) holding state_dict (checked already; lm_head comes from the tie)."""
+    """GPT(config) holding state_dict (checked already; a tied lm_head comes from the tie)."""
     # Built on the meta device and then given empty storage: GPT-2's random init, which the checkpoint
     # overwrites anyway, costs seconds of CPU for gpt2-xl.
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")
-    model.lm_head.weight = model.wte.weight  # to_empty gives each module its own new tensor: tie them again
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight  # to_empty gives each module its own new tensor: tie them again
+        state_dict = {**state_dict, "lm_head.weight": state_dict["wte.weight"]}
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_parameters()  # the cos/sin tables are not in checkpoints: compute them for real
-    model.load_state_dict({**state_dict, "lm_head.weight": state_dict["wte.weight"]})
+    model.load_state_dict(state_dict)
     return model
 
 

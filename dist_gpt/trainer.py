@@ -89,6 +89,7 @@ def enter_run(config: Config, env: DistEnv):
 
 
 def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
+    started = time.perf_counter()
     t = config.train
     micro_batch = micro_batch_size or t.micro_batch_size
     if micro_batch == "auto":
@@ -116,6 +117,8 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
 
     metrics = MetricsLogger(config.run_dir, env.is_main, config.logging.wandb, config.logging.wandb_project, config.to_dict(), state.wandb_run_id)
     state.wandb_run_id = metrics.wandb_run_id
+    # What this process trains, so a run directory describes itself (`python -m dist_gpt.compare` reads it).
+    metrics.log({"run_start": {"step": state.step, "params": built.params, "world_size": env.world_size, "config": config.to_dict()}})
     tokens_per_step = micro_batch * grad_accum * env.world_size * config.model.block_size
     limit_seconds, limit_source = effective_time_limit(t.time_limit)
     budget = None
@@ -125,7 +128,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     if env.is_main:
         print(
             f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {env.compute_dtype} | "
-            f"{model.num_params() / 1e6:.2f}M params | micro-batch {micro_batch} x grad-accum {grad_accum} x world {env.world_size} "
+            f"{built.params / 1e6:.2f}M params | micro-batch {micro_batch} x grad-accum {grad_accum} x world {env.world_size} "
             f"= {tokens_per_step:,} tokens/step | train {meta['train_tokens']:,} tokens | attention {attention} | "
             f"peak {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})"
             + (f" | time limit {limit_seconds / 60:.1f} min ({limit_source})" if limit_seconds else "")
@@ -206,6 +209,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         "mfu": peak.mfu(timed_tokens / timed_seconds * flops_per_token / env.world_size) if timed_seconds else None,
         "micro_batch_size": micro_batch,
         "grad_accum_steps": grad_accum,
+        "wall_s": time.perf_counter() - started,  # this process, start to end: build, train, evals, checkpoints
     }
     if not already_complete:  # a re-run that trained nothing adds nothing to the run's record
         metrics.log({"summary": summary})

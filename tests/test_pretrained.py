@@ -94,6 +94,19 @@ def test_loaded_model_is_tied_and_padded(checkpoint_dir):
     assert model.config.block_size == N_POSITIONS and model.config.position == "learned"
 
 
+def test_untied_head_starts_as_a_copy_of_wte(hf_model, safetensors_dir):
+    """tie_embeddings=false: lm_head is its own matrix, holding GPT-2's output layer (= its wte) at the start."""
+    model = load_hf_gpt2(safetensors_dir, position="learned", tie_embeddings=False, loss="plain")
+    assert model.lm_head.weight is not model.wte.weight
+    assert model.lm_head.weight.data_ptr() != model.wte.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, model.wte.weight)
+    ids = token_ids()
+    assert (our_logits(model, ids) - hf_logits(hf_model, ids)).abs().max().item() < 1e-4
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # they train apart from here
+    assert not torch.equal(model.lm_head.weight, model.wte.weight)
+
+
 def test_rope_loads_everything_but_wpe(hf_model, safetensors_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="dist_gpt.pretrained"):
         model = load_hf_gpt2(safetensors_dir, position="rope")
@@ -239,15 +252,17 @@ def test_directory_without_weights_or_config(safetensors_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------- our export
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_export_round_trip_gives_the_same_logits(tmp_path, position):
+@pytest.mark.parametrize("position, tied", [("rope", True), ("learned", True), ("rope", False)])
+def test_export_round_trip_gives_the_same_logits(tmp_path, position, tied):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, position=position, loss="plain"))
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, position=position, tie_embeddings=tied, loss="plain"))
     path = tmp_path / "export" / "model.safetensors"
     save_exported(model, path)
     loaded = load_exported(path)
     assert loaded.config == model.config
-    assert loaded.lm_head.weight is loaded.wte.weight
+    assert (loaded.lm_head.weight is loaded.wte.weight) == tied
+    if not tied:
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight) and not torch.equal(loaded.lm_head.weight, loaded.wte.weight)
     ids = token_ids(16)
     torch.testing.assert_close(our_logits(loaded, ids), our_logits(model, ids), atol=0, rtol=0)
 
