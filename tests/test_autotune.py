@@ -243,7 +243,7 @@ def test_budget_below_micro_batch_one_says_what_would_fit():
 # ============================================================================ the memory model
 
 
-@pytest.mark.parametrize("shape", [dict(), dict(position="learned"), dict(bias=False), dict(bias=False, position="learned")])
+@pytest.mark.parametrize("shape", [dict(), dict(position="learned"), dict(bias=False), dict(bias=False, position="learned"), dict(tie_embeddings=False)])
 def test_parameter_count_matches_the_model(shape):
     config = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=32, vocab_size=512, tokenizer_vocab_size=512, **shape)
     assert memory.param_count(config) == GPT(config).num_params(non_embedding=False)
