@@ -61,13 +61,15 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / "metrics.jsonl").is_file() and read_run(run_dir).steps >= STEPS
 
 
-def train_all(seeds: list[int], out_dir: Path, jobs: int) -> None:
-    """Every (variant, seed) run, `jobs` processes at a time; each process gets an equal share of the cores."""
+def train_all(seeds: list[int], out_dir: Path, jobs: int) -> int:
+    """Every (variant, seed) run not complete yet, `jobs` processes at a time, each with an equal share of
+    the cores. Returns how many it trained."""
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [(v, s) for s in seeds for v in VARIANTS if not is_complete(out_dir / run_name(v, s))]
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
     running: list[tuple[str, subprocess.Popen]] = []
+    trained = len(todo)
     while todo or running:
         while todo and len(running) < jobs:
             variant, seed = todo.pop(0)
@@ -81,6 +83,7 @@ def train_all(seeds: list[int], out_dir: Path, jobs: int) -> None:
                 running.remove((name, proc))
                 if proc.returncode != 0:
                     sys.exit(f"error: {name} failed (exit {proc.returncode}): see {out_dir / (name + '.log')}")
+    return trained
 
 
 def machine() -> str:
@@ -90,11 +93,20 @@ def machine() -> str:
     return f"{os.cpu_count()} x {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+def mean_std(values: list[float | None]) -> str:
+    """Mean ± sample std over the runs with a finite value (a diverged run logs none: it is named, not hidden)."""
+    finite = [v for v in values if v is not None]
+    missing = f" ({len(values) - len(finite)} run(s) without a finite value)" if len(finite) < len(values) else ""
+    if len(finite) < 2:
+        return (f"{finite[0]:.4f}" if finite else "—") + missing
+    return f"{statistics.mean(finite):.4f} ± {statistics.stdev(finite):.4f}" + missing
 
 
-def report(seeds: list[int], out_dir: Path, doc: Path, plot_path: Path, wall_s: float, load: tuple[str, str], command: str) -> str:
+def cell(value: float | None, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "—"
+
+
+def report(seeds: list[int], out_dir: Path, doc: Path, plot_path: Path, training: str, command: str) -> str:
     from dist_gpt.compare import markdown_table
     from dist_gpt.plot import plot_runs
     from dist_gpt.runs import read_run
@@ -102,12 +114,11 @@ def report(seeds: list[int], out_dir: Path, doc: Path, plot_path: Path, wall_s: 
     runs = {(v, s): read_run(out_dir / run_name(v, s)) for s in seeds for v in VARIANTS}
     final = {v: [runs[v, s].final_val for s in seeds] for v in VARIANTS}
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_runs(list(runs.values()), plot_path, title="RoPE vs learned positions, CPU-sized seed-bible model (3 seeds each)")
-    pairs = [final["rope"][i] - final["learned"][i] for i in range(len(seeds))]
+    plot_runs(list(runs.values()), plot_path, title=f"RoPE vs learned positions, CPU-sized seed-bible model ({len(seeds)} seeds each)")
+    pairs = [r - l if r is not None and l is not None else None for r, l in zip(final["rope"], final["learned"])]
     lines = [
         BEGIN,
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; load average {load[0]} at the start, {load[1]} at the end "
-        f"(the machine was shared with other work: the times below are noisy). Whole sweep: {wall_s / 60:.1f} min.",
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}. {training}",
         "",
         "```bash",
         command,
@@ -115,12 +126,12 @@ def report(seeds: list[int], out_dir: Path, doc: Path, plot_path: Path, wall_s: 
         "",
         "| variant | final val loss, mean ± std over seeds " + " ".join(f"| seed {s}" for s in seeds) + " |",
         "|---|---|" + "---|" * len(seeds),
-        *(f"| {v} | {mean_std(final[v])} " + " ".join(f"| {x:.4f}" for x in final[v]) + " |" for v in VARIANTS),
-        f"| rope − learned (paired by seed) | {mean_std(pairs)} " + " ".join(f"| {x:+.4f}" for x in pairs) + " |",
+        *(f"| {v} | {mean_std(final[v])} " + " ".join(f"| {cell(x, '.4f')}" for x in final[v]) + " |" for v in VARIANTS),
+        f"| rope − learned (paired by seed) | {mean_std(pairs)} " + " ".join(f"| {cell(x, '+.4f')}" for x in pairs) + " |",
         "",
-        f"![train and val loss of the six runs]({os.path.relpath(plot_path, doc.parent)})",
+        f"![train and val loss of the {len(runs)} runs]({os.path.relpath(plot_path, doc.parent)})",
         "",
-        "`python -m dist_gpt.compare " + " ".join(str(out_dir / run_name(v, s)) for s in seeds for v in VARIANTS) + "`:",
+        "`python -m dist_gpt.compare " + " ".join(os.path.relpath(out_dir / run_name(v, s)) for s in seeds for v in VARIANTS) + "`:",
         "",
         markdown_table(list(runs.values())),
         END,
@@ -146,9 +157,15 @@ def main() -> None:
     if not (REPO / "data" / "bible-es" / "train.bin").is_file():
         sys.exit("error: data/bible-es is not prepared: run `python -m dist_gpt.prepare --config bible-tiny` first")
     command = "python benchmarks/seed_rope_vs_learned.py" + ("" if args.seeds == [1, 2, 3] else " --seeds " + " ".join(map(str, args.seeds)))
-    load_start, start = f"{os.getloadavg()[0]:.1f}", time.perf_counter()
-    train_all(args.seeds, args.out_dir, args.jobs)
-    print(report(args.seeds, args.out_dir, args.doc, args.plot, time.perf_counter() - start, (load_start, f"{os.getloadavg()[0]:.1f}"), command))
+    load_start, start = os.getloadavg()[0], time.perf_counter()
+    trained = train_all(args.seeds, args.out_dir, args.jobs)
+    training = (
+        f"This command trained {trained} run(s) in {(time.perf_counter() - start) / 60:.1f} min, {args.jobs} at a time; load average "
+        f"{load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores."
+        if trained
+        else "The runs were trained earlier (their wall times are in the table)."
+    )
+    print(report(args.seeds, args.out_dir, args.doc, args.plot, training, command))
 
 
 if __name__ == "__main__":

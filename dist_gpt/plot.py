@@ -34,6 +34,9 @@ def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
         ax.plot([], [], color="grey", lw=2.0, marker="o", ms=3, label="val (dots)")
         ax.set_xlabel(label)
         ax.set_ylabel("loss")
+        top = _top_after_the_start(runs)
+        if top is not None:
+            ax.set_ylim(top=top)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize="small", loc="upper right")
     fig.suptitle(title or ", ".join(run.name for run in runs))
@@ -41,6 +44,14 @@ def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _top_after_the_start(runs: list[Run]) -> float | None:
+    """An upper y limit that leaves out the first tenth of the steps: the initial loss (~11 for a 50k vocabulary)
+    would otherwise squeeze the part where runs differ into a sliver."""
+    last = max((p.step for run in runs for p in run.train + run.val), default=0)
+    later = [p.value for run in runs for p in run.train + run.val if p.value is not None and p.step > last / 10]
+    return max(later) * 1.02 if later else None
 
 
 @cli
