@@ -117,8 +117,6 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
 
     metrics = MetricsLogger(config.run_dir, env.is_main, config.logging.wandb, config.logging.wandb_project, config.to_dict(), state.wandb_run_id)
     state.wandb_run_id = metrics.wandb_run_id
-    # What this process trains, so a run directory describes itself (`python -m dist_gpt.compare` reads it).
-    metrics.log({"run_start": {"step": state.step, "params": built.params, "world_size": env.world_size, "config": config.to_dict()}})
     tokens_per_step = micro_batch * grad_accum * env.world_size * config.model.block_size
     limit_seconds, limit_source = effective_time_limit(t.time_limit)
     budget = None
@@ -139,6 +137,8 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     already_complete = state.step >= t.max_steps
     if already_complete and env.is_main:
         print(f"this run is already complete at step {state.step} (train.max_steps={t.max_steps}): raise train.max_steps to train on, or start another run with train.run_name=NAME", flush=True)
+    if not already_complete:  # what this process trains, so a run directory describes itself (dist_gpt.compare reads it)
+        metrics.log({"run_start": {"step": state.step, "params": built.params, "world_size": env.world_size, "config": config.to_dict()}})
     timed_tokens, timed_seconds, steps_this_process = 0, 0.0, 0
     train_loss = val_loss = None
     stop_reason = None

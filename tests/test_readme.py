@@ -30,9 +30,12 @@ RUN_BY = {
     "python launch/train.py --nproc_per_node=2 --config bible-tiny parallel.strategy=fsdp train.run_name=bible-tiny-fsdp": ["tests/test_launch.py::test_ctrl_c_saves_and_the_resume_line_is_the_last"],
     "python -m dist_gpt.plan --config gpt2-124m-owt --gpus 8 --gpu-memory-gb 24": ["tests/test_plan.py::test_gpt2_124m_on_eight_24gb_gpus"],
     "python -m dist_gpt.plan --config gpt2-124m-owt --gpus 1 --gpu-memory-gb 24 model.preset=gpt2-xl": ["tests/test_plan.py::test_gpt2_xl_on_one_24gb_gpu_needs_offload"],
+    "python -m dist_gpt.compare out/seed-bible-rope out/seed-bible-learned": ["tests/test_compare.py::test_compare_prints_the_table_and_the_differing_keys"],
+    "python -m dist_gpt.plot out/seed-bible-rope out/seed-bible-learned --out rope-vs-learned.png": ["tests/test_compare.py::test_plot_overlays_several_runs"],
 }
 # README command -> why no test runs it on a CPU.
 OWT = "GPT-2 124M on OpenWebText: GPU work, and its data comes from the hub"
+SEED_BIBLE = "the seed's 42M model for 75M tokens: GPU work (tests/test_compare.py trains the same untied model, tiny)"
 NOT_ON_CPU = {
     "bash launch/quickstart.sh": "installs system packages and a venv: its three dist_gpt commands are the quick start's, run here",
     "bash .ci/run": "CI's own command: it runs this test",
@@ -50,6 +53,9 @@ NOT_ON_CPU = {
     "python -m dist_gpt.prepare --config gpt2-finetune-bible": "fetches OpenAI's GPT-2 from the hub (tests/test_trainer.py fine-tunes a local GPT-2 directory)",
     "python launch/train.py --config gpt2-finetune-bible": "fetches OpenAI's GPT-2 from the hub (tests/test_trainer.py fine-tunes a local GPT-2 directory)",
     "python launch/train.py --config gpt2-finetune-bible model.init_from=/models/gpt2": "GPT-2 124M on the Bible: tests/test_trainer.py fine-tunes a tiny local GPT-2 directory the same way",
+    "python launch/train.py --config seed-bible-rope": SEED_BIBLE,
+    "python launch/train.py --config seed-bible-learned": SEED_BIBLE,
+    "python benchmarks/seed_rope_vs_learned.py": "six CPU runs, ~20 minutes: its result is docs/experiments.md (its parts, train/compare/plot, are tested)",
 }
 
 
