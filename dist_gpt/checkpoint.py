@@ -182,7 +182,8 @@ class Checkpointer:
         self._barrier()
         self.strategy.load_checkpoint(ckpt_dir, manifest)
         for name, part in self.parts.items():
-            part.load_state_dict(manifest["parts"][name])
+            if name in manifest["parts"]:  # a part newer than the checkpoint (the fp16 loss scaler) starts fresh
+                part.load_state_dict(manifest["parts"][name])
         rng_file = ckpt_dir / f"rng_rank{self.env.rank}.pt"
         if rng_file.is_file():  # absent when this run has more ranks than the one that saved: those reseed
             set_rng_state(torch.load(rng_file, weights_only=True), self.env.device)

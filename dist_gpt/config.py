@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from dist_gpt.distributed import DTYPES
 from dist_gpt.errors import UserError
 from dist_gpt.model import CUDA_ONLY_BACKENDS, PRESETS, GPTConfig
+from dist_gpt.precision import DTYPES
 from dist_gpt.time_budget import parse_time_limit
 
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides auto; one module each in parallel/
@@ -67,9 +67,9 @@ class TrainSection:
     eval_batches: int = 10  # micro-batches of validation windows per eval
     seed: int = 1337  # weights, data order and dropout
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    dtype: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + loss scaling on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
     peak_tflops: float = 0.0  # MFU's yardstick per device; 0 = the GPU's data sheet, or on CPU measured once per machine
-    compile: bool = False  # torch.compile each block (faster steps after a one-off compile)
+    compile: bool | str = "auto"  # torch.compile each block (faster steps after a one-off compile): auto (on for CUDA, off elsewhere) | true | false
     out_dir: str = "out"  # runs live in out_dir/run_name
     run_name: str = ""  # default: the config's name; the run lives in out_dir/run_name
     time_limit: str | float = ""  # e.g. 3h30m, 90m, 2:30:00, or minutes: save and exit 0 before it ends (also $DIST_GPT_TIME_LIMIT)
@@ -313,6 +313,8 @@ def check(config: Config) -> None:
     except ValueError as e:
         raise UserError(f"model: {e}") from None
     t = config.train
+    if isinstance(t.compile, str) and t.compile != "auto":
+        raise UserError(f"train.compile={t.compile!r} must be auto, true or false")
     if isinstance(t.micro_batch_size, str) and t.micro_batch_size != "auto":
         raise UserError(f"train.micro_batch_size={t.micro_batch_size!r} must be a positive integer or 'auto'")
     positive = {"train.max_steps": t.max_steps, "train.eval_batches": t.eval_batches, "logging.log_every": config.logging.log_every}

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# The compute dtypes by the names configs and files use (train.dtype, the autotuner's trial spec, its cache).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from dist_gpt.precision import DeviceFacts, choose_dtype, enable_tf32
 
 
 @dataclass
@@ -19,7 +18,7 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    compute_dtype: torch.dtype = torch.float32  # bf16 means autocast (or the strategy's own casting)
+    compute_dtype: torch.dtype = torch.float32  # bf16/fp16 mean autocast (or the strategy's own casting); fp16 adds loss scaling
 
     @property
     def is_main(self) -> bool:
@@ -49,14 +48,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[requested]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bf16': the inverse of DTYPES."""
-    return next(name for name, value in DTYPES.items() if value == dtype)
+    return choose_dtype(requested, DeviceFacts.of(device))
 
 
 def pick_backend(requested: str, device: torch.device) -> str:
@@ -72,6 +64,8 @@ def init_distributed(device: str = "auto", dtype: str = "auto", backend: str = "
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        enable_tf32()  # fp32 matmuls (train.dtype=fp32, and fp32 parts of mixed precision) on tensor cores
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=pick_backend(backend, dev), timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, compute_dtype=pick_dtype(dtype, dev))

@@ -25,10 +25,14 @@ Semantics match `F.cross_entropy(F.linear(hidden, weight).float(), targets, igno
 - if no target is valid the loss is nan (0/0) and the gradients are zero, exactly like F.cross_entropy;
 - every vocabulary row, padding rows that never appear as targets included, gets its softmax gradient;
 - under autocast the matmuls run in the autocast dtype (as F.linear would) while the softmax, the loss and
-  the weight-gradient accumulation are fp32; the gradients come back in the dtypes of the inputs.
+  the weight-gradient accumulation are fp32; the gradients come back in the dtypes of the inputs;
+- in fp16 (5 exponent bits) the low-precision dL/dlogits is softmax - onehot, and 1/n_valid is applied in fp32:
+  divided first it would underflow (the loss scaler's factor only reaches the loss in backward).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +111,13 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
     low_buf = torch.empty(rows, V, dtype=compute_dtype, device=hidden.device) if compute_dtype != torch.float32 else None
     row_ids = torch.arange(rows, device=hidden.device)
 
+    # fp16 has 5 exponent bits: dL/dlogits (softmax - onehot) / n_valid, ~1e-9 for rare tokens in a real batch,
+    # would underflow in it (the loss scaler's factor only arrives in backward). So in fp16 the low-precision
+    # dL/dlogits stays softmax - onehot, in [-1, 1], and the 1/n_valid is applied on the fp32 side of the matmuls.
+    unit_grad = compute_dtype == torch.float16
+
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(h) if need_grad_hidden else None
+    grad_hidden = (torch.empty(h.shape, dtype=torch.float32, device=h.device) if unit_grad else torch.empty_like(h)) if need_grad_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_weight else None
 
     for start in range(0, N, chunk_tokens):
@@ -136,6 +145,9 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
         # row_scale = token_scale / s, one factor per token.
         z[row_ids[:n], t_c.squeeze(1)] -= sums.squeeze(1)
         row_scale = token_scale[start:end].unsqueeze(1) / sums
+        if unit_grad:
+            _fp16_chunk_grads(z, sums, valid_c, w, h_c, low_buf[:n], grad_hidden[start:end] if need_grad_hidden else None, grad_weight)
+            continue
         if low_buf is None:
             # fp32: apply row_scale on the (chunk, C) side of each matmul rather than in another pass over the
             # chunk x V logits: (diag(r) G) W = diag(r) (G W) and (diag(r) G)^T h = G^T (diag(r) h).
@@ -157,4 +169,22 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
             else:
                 grad_weight += torch.mm(dz.t(), h_side)  # addmm_ cannot mix dtypes; the running sum stays fp32
 
+    if unit_grad and need_grad:
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.div_(n_valid.clamp(min=1))
     return loss_sum / n_valid, grad_hidden, grad_weight
+
+
+def _fp16_chunk_grads(z, sums, valid_c, w, h_c, dz, grad_hidden_c, grad_weight) -> None:
+    """One chunk's gradients in fp16, not yet divided by n_valid (the caller does that once, in fp32).
+
+    dz = softmax - onehot of the valid rows, in [-1, 1]; dz @ W is then bounded by 2 max|W|. dz^T @ h sums up
+    to `rows` terms of size |h| per entry, so h is scaled down by a power of two (exact) that keeps the sum
+    under 64 max|h|, far from fp16's 65504, and the product is scaled back up in fp32."""
+    torch.mul(z, valid_c.unsqueeze(1).float() / sums, out=dz)
+    if grad_hidden_c is not None:
+        grad_hidden_c.copy_(torch.mm(dz, w))
+    if grad_weight is not None:
+        shrink = 2.0 ** -max(0, math.ceil(math.log2(dz.size(0) / 64)))
+        grad_weight.add_(torch.mm(dz.t(), h_c * shrink), alpha=1 / shrink)

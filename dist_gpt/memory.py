@@ -230,12 +230,12 @@ def predict(
 ) -> Breakdown:
     """Peak bytes of one training step (forward, backward, AdamW step) on one rank.
 
-    strategy: one of STRATEGIES; dtype 'fp32' or 'bf16'; offload: the strategy's CPU offload (optimizer
+    strategy: one of STRATEGIES; dtype 'fp32', 'bf16' or 'fp16'; offload: the strategy's CPU offload (optimizer
     states for ZeRO-1/2, + parameters for ZeRO-3 and FSDP); device 'cuda' or 'cpu' (attention kernel,
     overhead, optimizer temporaries); grad_accum > 1 keeps the gradients alive through later micro-batches'
     forward. overhead_bytes defaults to CUDA_CONTEXT_BYTES on CUDA and `idle_process_bytes()` on CPU."""
     c = gpt_config
-    bf16 = dtype in ("bf16", "bfloat16")
+    bf16 = dtype in ("bf16", "bfloat16", "fp16", "float16")  # 2-byte compute: fp16 lays memory out as bf16 does
     s = sharding_for(strategy, bf16, offload)
     W = max(1, world_size) if strategy not in ("single", "zero0") else 1
     autocast = bf16 and not s.compute_casts_params and not s.gathers_units

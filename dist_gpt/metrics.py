@@ -12,7 +12,10 @@ from pathlib import Path
 import psutil
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against the device name.
+from dist_gpt.precision import HALF_DTYPES, dtype_name
+
+# Dense 16-bit tensor-core peaks (FLOP/s; bf16 = fp16 where both exist, fp16 on T4 and V100) from the vendors' data
+# sheets, matched against the device name.
 KNOWN_GPU_PEAK_FLOPS = {
     "H200": 989e12,
     "H100 SXM": 989e12,
@@ -66,7 +69,7 @@ REMEASURE_ENV = "DIST_GPT_REMEASURE_PEAK"  # =1: measure this machine's CPU peak
 class PeakFlops:
     """The FLOP/s one rank's MFU is measured against, and where the figure came from.
 
-    GPUs: the data sheet (bf16 dense), else a measured matmul. A CPU has no data sheet: its peak is measured
+    GPUs: the data sheet (bf16/fp16 dense), else a measured matmul. A CPU has no data sheet: its peak is measured
     once per machine (the best of a few seconds of matmul windows) and cached, or given as train.peak_tflops.
     A measurement is not a guaranteed upper bound: a core held by another process during it lowers it, and MFU
     would read above 100 %. So the peak is max(measured, observed): `mfu` raises it to any throughput a run
@@ -93,16 +96,17 @@ def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: flo
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak_flops_from_table(name)
-        if peak is not None and dtype == torch.bfloat16:
-            return PeakFlops(peak, f"{name} data sheet (bf16 dense)")
+        if peak is not None and dtype in HALF_DTYPES:  # 16-bit tensor cores: bf16 and fp16 peaks are the same
+            return PeakFlops(peak, f"{name} data sheet ({dtype_name(dtype)} dense)")
         return PeakFlops(measure_matmul_flops(device, dtype, size=4096), f"measured {dtype} matmul on {name}")
     key = f"{_cpu_name()} | {torch.get_num_threads()} threads | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
     cached = _load_cpu_peaks().get(key)
     if cached and os.environ.get(REMEASURE_ENV, "") in ("", "0"):
         return PeakFlops(cached, f"cpu, {torch.get_num_threads()} threads, measured once on this machine ({CPU_PEAK_FILE} in {cache_root()})", key)
     # On CPU a bf16 matmul may be slower than fp32 (no bf16 units): the peak is the faster of the two, so
-    # MFU is never high because the yardstick was the slow path.
-    measured = max(measure_matmul_flops(device, d, windows=20, seconds=0.15) for d in {torch.float32, dtype})
+    # MFU is never high because the yardstick was the slow path. fp16 is never the faster one on a CPU (its
+    # matmuls are converted, seconds per window), so fp16 runs are measured against fp32.
+    measured = max(measure_matmul_flops(device, d, windows=20, seconds=0.15) for d in {torch.float32, dtype} - {torch.float16})
     measured = _store_cpu_peak(key, measured)
     return PeakFlops(measured, f"cpu, {torch.get_num_threads()} threads, measured now (cached in {cache_root() / CPU_PEAK_FILE})", key)
 

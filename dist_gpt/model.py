@@ -308,37 +308,42 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def attention_backend(self) -> str:
-        """Which SDPA kernel really runs for this model's attention on its device and dtype.
-
-        Runs one attention call under a dispatch mode that records the ATen ops it reaches, so the answer
-        comes from what executed, not from what was asked for."""
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class RecordOps(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.ops: list[str] = []
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.ops.append(str(func.overloadpacket))
-                return func(*args, **(kwargs or {}))
-
+    def attention_backend(self, dtype: torch.dtype | None = None) -> str:
+        """Which SDPA kernel really runs for this model's attention on its device, in `dtype` (what training
+        computes in; default: bf16 on a GPU that supports it, else the parameters' dtype)."""
         attn = self.h[0].attn
         device = attn.c_attn.weight.device
-        # what training computes in: bf16 under autocast on GPU, the parameters' dtype elsewhere
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else attn.c_attn.weight.dtype
-        q = torch.randn(1, self.config.n_head, min(64, self.config.block_size), self.config.head_dim, device=device, dtype=dtype)
-        context = sdpa_kernel(attn.backends) if attn.backends is not None else contextlib.nullcontext()
-        try:
-            with context, RecordOps() as recorder:
-                F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        except RuntimeError as e:
-            return f"none: {self.config.attn_backend!r} cannot run on {device.type} ({str(e).splitlines()[0]})"
-        for kernel, label in KERNEL_LABELS:
-            if kernel in recorder.ops:
-                return label
-        return "math (unfused matmul + softmax)"
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else attn.c_attn.weight.dtype
+        return sdpa_kernel_that_runs(attn.backends, device, dtype, self.config.n_head, min(64, self.config.block_size), self.config.head_dim, self.config.attn_backend)
+
+
+def sdpa_kernel_that_runs(backends: list | None, device: torch.device, dtype: torch.dtype, n_head: int, seq_len: int, head_dim: int, label: str = "auto") -> str:
+    """Run one causal attention call restricted to `backends` (None: PyTorch's choice) under a dispatch mode
+    that records the ATen ops it reaches, and name the kernel that executed (not the one asked for).
+    "none: ..." when no allowed kernel can run there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(1, n_head, seq_len, head_dim, device=device, dtype=dtype)
+    context = sdpa_kernel(backends) if backends is not None else contextlib.nullcontext()
+    try:
+        with context, RecordOps() as recorder:
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError as e:
+        return f"none: {label!r} cannot run on {device.type} ({str(e).splitlines()[0]})"
+    for kernel, kernel_label in KERNEL_LABELS:
+        if kernel in recorder.ops:
+            return kernel_label
+    return "math (unfused matmul + softmax)"
 
 
 # ATen op -> what to tell the user. The math backend is decomposed into plain ops (no fused kernel seen).

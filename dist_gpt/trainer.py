@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from dist_gpt.errors import UserError
 from dist_gpt.metrics import MetricsLogger, device_peak
 from dist_gpt.parallel import BatchShape, Strategy
 from dist_gpt.run_lock import hold_run_dir
+from dist_gpt.precision import dtype_name, dtype_notice
 from dist_gpt.schedule import CosineSchedule
 from dist_gpt.step import train_step
 from dist_gpt.step_guard import DivergenceGuard
@@ -104,13 +104,13 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     grad_accum = check_runtime(config, env.world_size, env.device.type, micro_batch)
     built = build(config, env, BatchShape(micro_batch, grad_accum))
     strategy, model, flops_per_token = built.strategy, built.model, built.flops_per_token
-    attention = model.attention_backend()  # probed after the move to the device: what really runs there
+    attention = model.attention_backend(env.compute_dtype)  # probed after the move to the device: what really runs there
 
     loader = TokenLoader(config.data_dir / "train.bin", config.model.block_size, micro_batch, env.rank, env.world_size, seed=t.seed, device=env.device)
     schedule = CosineSchedule(t.lr, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
     state = TrainState()
     peak = device_peak(env.device, env.compute_dtype, t.peak_tflops)  # before the RNG is set: it may draw random matrices
-    checkpointer = Checkpointer(config, env, strategy, {"loader": loader, "train_state": state})
+    checkpointer = Checkpointer(config, env, strategy, {"loader": loader, "train_state": state, "loss_scaler": strategy.scaler})
     resumed_from = checkpointer.resume()
     if not checkpointer.rng_restored:  # a resumed rank continues its saved RNG stream (dropout), bit for bit
         seed_everything(t.seed + env.rank + state.step)  # a fresh run, or a rank the saving run did not have
@@ -124,8 +124,12 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         eval_in_steps = math.ceil(t.eval_batches / env.world_size) / grad_accum
         budget = TimeBudget(limit_seconds, limit_source, 12 * model.num_params(), eval_in_steps)  # fp32 weights + AdamW's 2 moments
     if env.is_main:
+        notice = dtype_notice(env.compute_dtype, env.device.type)
+        if notice:
+            print(notice, flush=True)
+        precision = dtype_name(env.compute_dtype) + (" + loss scaling" if env.compute_dtype == torch.float16 else "")
         print(
-            f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {env.compute_dtype} | "
+            f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {precision} | compile {'per block' if built.compiled else 'off'} | "
             f"{built.params / 1e6:.2f}M params | micro-batch {micro_batch} x grad-accum {grad_accum} x world {env.world_size} "
             f"= {tokens_per_step:,} tokens/step | train {meta['train_tokens']:,} tokens | attention {attention} | "
             f"peak {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})"
@@ -145,7 +149,6 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     guard = DivergenceGuard(t.max_skipped_steps)
     with checkpointer.stop_signals():
         while state.step < t.max_steps:
-            step_start = time.perf_counter()
             lr = schedule(state.step)
             strategy.set_lr(lr)
             result = train_step(strategy, loader.next_batch, grad_accum, t.grad_clip)
@@ -173,6 +176,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                     "ms_per_step": step_seconds * 1e3,
                     "tokens_per_s": tokens_per_s,
                     "mfu": peak.mfu(tokens_per_s * flops_per_token / env.world_size),
+                    **strategy.loss_scale_stats(),
                     **strategy.memory_stats(),
                 }
                 metrics.log(record, console=format_record(record))
@@ -210,6 +214,9 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         "micro_batch_size": micro_batch,
         "grad_accum_steps": grad_accum,
         "wall_s": time.perf_counter() - started,  # this process, start to end: build, train, evals, checkpoints
+        "dtype": dtype_name(env.compute_dtype),
+        "compile": built.compiled,
+        **strategy.loss_scale_stats(),
     }
     if not already_complete:  # a re-run that trained nothing adds nothing to the run's record
         metrics.log({"summary": summary})
@@ -233,6 +240,7 @@ def format_summary(s: dict) -> str:
         f"val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else "",
         f"{s['tokens_per_s']:,.0f} tok/s, MFU {100 * s['mfu']:.1f}%" if s["tokens_per_s"] is not None else "",
         f"{s['skipped_steps']} skipped steps" if s["skipped_steps"] else "",
+        f"fp16 loss scale {s['loss_scale']:g}, {s['overflow_skips']} overflow skips" if "loss_scale" in s else "",
     ]
     batch = f"{s['strategy']}, micro-batch {s['micro_batch_size']} x grad-accum {s['grad_accum_steps']}"
     return " | ".join([f"done: step {s['step']}", *filter(None, measured), batch, s["run_dir"]])
@@ -240,8 +248,10 @@ def format_summary(s: dict) -> str:
 
 def format_record(r: dict) -> str:
     memory = " | ".join(f"{k.removeprefix('mem_').removesuffix('_mb')} {v:,.0f} MB" for k, v in r.items() if k.startswith("mem_"))
-    skipped = f" | SKIPPED: {r['skipped']} ({r['skipped_steps']} in this run)" if "skipped" in r else ""
+    # fp16: overflow skips are the loss scaler finding its level (expected), not divergence
+    scaling = f" | loss scale {r['loss_scale']:g} ({r['overflow_skips']} overflow skips)" if "loss_scale" in r else ""
+    skipped = f" | SKIPPED: {r['skipped']} ({r['skipped_steps']} non-finite in this run)" if "skipped" in r else ""
     return (
         f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
-        f"{r['ms_per_step']:.0f} ms | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | {memory}{skipped}"
+        f"{r['ms_per_step']:.0f} ms | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}%{scaling} | {memory}{skipped}"
     )

@@ -33,6 +33,13 @@ def _synthetic_text(n_paragraphs: int = 300, seed: int = 0) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
+def needs_cuda(test):
+    """A test that needs a CUDA GPU: skipped without one; `pytest -m cuda` selects these (benchmarks/gpu_check.sh)."""
+    import torch
+
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
 @pytest.fixture
 def one_thread():
     """Tensors this small run faster on one thread than on two threads contending for 2 shared cores."""

@@ -19,7 +19,7 @@ import types
 import pytest
 import torch
 
-from conftest import REPO, run_python, tiny_overrides
+from conftest import REPO, needs_cuda, run_python, tiny_overrides
 from dist_gpt import memory
 from dist_gpt.autotune import (
     NO_GLOBAL_BATCH_CAP,
@@ -278,9 +278,6 @@ def test_block_activations_byte_for_byte(position, attn_backend, dtype, dropout)
     block = Block(config).train()
     measured = saved_tensor_bytes(block, torch.randn(B, T, C, requires_grad=True), autocast)
     assert memory.block_activation_bytes(config, B * T, 2 if autocast else 4, 4, "cpu", autocast) == measured
-
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @needs_cuda

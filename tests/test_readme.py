@@ -32,6 +32,7 @@ RUN_BY = {
     "python -m dist_gpt.plan --config gpt2-124m-owt --gpus 1 --gpu-memory-gb 24 model.preset=gpt2-xl": ["tests/test_plan.py::test_gpt2_xl_on_one_24gb_gpu_needs_offload"],
     "python -m dist_gpt.compare out/seed-bible-rope out/seed-bible-learned": ["tests/test_compare.py::test_compare_prints_the_table_and_the_differing_keys"],
     "python -m dist_gpt.plot out/seed-bible-rope out/seed-bible-learned --out rope-vs-learned.png": ["tests/test_compare.py::test_plot_overlays_several_runs"],
+    "python -m dist_gpt.doctor": ["tests/test_doctor.py::test_doctor_on_cpu_passes_every_check_and_reports_the_numbers"],
 }
 # README command -> why no test runs it on a CPU.
 OWT = "GPT-2 124M on OpenWebText: GPU work, and its data comes from the hub"
@@ -47,6 +48,8 @@ NOT_ON_CPU = {
     "python launch/train.py --nproc_per_node=8 --ds_config ds_configs/zero2.json --config gpt2-124m-owt": OWT,
     "python launch/train.py --nproc_per_node=8 --ds_config ds_configs/zero3-offload.json --config gpt2-124m-owt model.preset=gpt2-xl": OWT,
     "python launch/train.py --config gpt2-124m-owt train.micro_batch_size=auto": OWT,
+    "python launch/train.py --config gpt2-124m-owt train.dtype=fp16 train.compile=false": OWT,
+    "bash benchmarks/gpu_check.sh": "the GPU acceptance check (its --cpu-dry-run is the plumbing on CPU: ~4 minutes, not in the suite)",
     "python -m dist_gpt.autotune_batch --config gpt2-124m-owt --memory-budget-gb 24": "fills a 24 GB GPU with GPT-2 124M trials (tests/test_autotune.py tunes a tiny model on CPU)",
     "python launch/train.py --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=node0:29400 --rdzv-id=gpt2run --config gpt2-124m-owt parallel.strategy=fsdp": "two machines",
     "deepspeed --hostfile hostfile --master_addr node0 --master_port 29500 launch/train.py --ds_config ds_configs/zero2.json --config gpt2-124m-owt": "two machines",

@@ -13,9 +13,10 @@ from dist_gpt import memory
 from dist_gpt.autotune.measure import resident_bytes
 from dist_gpt.autotune.search import Search
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, dtype_name
+from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
 from dist_gpt.memory import GB, MB
+from dist_gpt.precision import dtype_name
 
 if TYPE_CHECKING:
     from dist_gpt.autotune.trials import TrialRunner

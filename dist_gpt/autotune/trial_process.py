@@ -17,7 +17,8 @@ from dist_gpt.autotune.measure import cuda_overhead_bytes, resident_bytes, run_s
 from dist_gpt.autotune.search import TrialResult
 from dist_gpt.autotune.trials import TRIAL_TIMEOUT_S
 from dist_gpt.config import from_dict
-from dist_gpt.distributed import DTYPES, DistEnv, pick_backend
+from dist_gpt.distributed import DistEnv, pick_backend
+from dist_gpt.precision import DTYPES
 
 def main(spec_path: str) -> None:
     """Run the trial SPEC.json describes, write its result where the spec says, exit without waiting on peers."""

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dist_gpt.config import Config
 from dist_gpt.distributed import DistEnv, pick_backend
+from dist_gpt.precision import HALF_DTYPES, MIN_LOSS_SCALE, LossScaler
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -39,6 +40,7 @@ class Strategy(ABC):
     name: str = "base"
     # How its checkpoint names a file one rank wrote (group 1: the rank). DCP: __RANK_N.distcp; .metadata is rank 0's.
     RANK_FILE = re.compile(r"__(\d+)_")
+    scales_fp16_loss_itself = False  # DeepSpeed's engine does (its "fp16" section); the others use self.scaler
 
     def __init__(self, config: Config, env: DistEnv):
         self.config, self.env = config, env
@@ -46,6 +48,8 @@ class Strategy(ABC):
         self.unwrapped_model: nn.Module | None = None  # the GPT inside (its state dict keys are the plain ones)
         self.optimizer: torch.optim.Optimizer | None = None
         self.async_save_group = None  # DCP's background writer's own process group, made at the first async save
+        # fp16's dynamic loss scaling; a pass-through otherwise. A stateful part of the checkpoint (JSON).
+        self.scaler = LossScaler(env.compute_dtype == torch.float16 and not self.scales_fp16_loss_itself, env.device)
 
     @abstractmethod
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, batch: BatchShape) -> None:
@@ -63,10 +67,10 @@ class Strategy(ABC):
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA when the config asks for bf16; strategies that cast parameters themselves
-        (FSDP mixed precision, DeepSpeed bf16) return a null context."""
-        if self.env.compute_dtype == torch.bfloat16:
-            return torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16)
+        """bf16 or fp16 autocast when the run computes in one; strategies that cast parameters themselves
+        (FSDP mixed precision, DeepSpeed bf16/fp16) return a null context."""
+        if self.env.compute_dtype in HALF_DTYPES:
+            return torch.autocast(device_type=self.env.device.type, dtype=self.env.compute_dtype)
         return contextlib.nullcontext()
 
     @abstractmethod
@@ -76,10 +80,28 @@ class Strategy(ABC):
         (unscaled, detached)."""
 
     @abstractmethod
-    def clip_and_step(self, max_norm: float) -> float:
-        """Clip the global gradient norm (max_norm 0 = no clipping), step the optimizer, zero the gradients.
-        Returns the gradient norm before clipping (the same on every rank). A norm that is not finite skips the
-        optimizer step (the gradients are dropped): every rank sees the same norm, so every rank skips."""
+    def clip_and_step(self, max_norm: float) -> torch.Tensor | float:
+        """Unscale fp16 gradients, clip the global gradient norm (max_norm 0 = no clipping), step the optimizer,
+        zero the gradients. Returns the gradient norm before clipping (the same on every rank). A norm that is
+        not finite skips the optimizer step (the gradients are dropped): every rank sees the same norm, so every
+        rank skips; with fp16 the loss scaler does that skip (on the device with a fused AdamW) and lowers its
+        scale."""
+
+    @property
+    def compiles_by_default(self) -> bool:
+        """Whether train.compile=auto compiles the blocks on CUDA under this strategy."""
+        return True
+
+    def skipped_for_overflow(self) -> bool:
+        """After a step whose gradients were not finite: True when fp16 loss scaling explains it (an overflow,
+        expected while the scale settles: the scale was lowered and is still above MIN_LOSS_SCALE), False when
+        it is divergence. Reads the scale from the device: asked only after such a step."""
+        return self.scaler.enabled and self.scaler.scale() > MIN_LOSS_SCALE
+
+    def loss_scale_stats(self) -> dict[str, float]:
+        """fp16's current loss scale and the steps skipped on overflow so far ({} without fp16). Reads from
+        the device: for log steps."""
+        return self.scaler.stats()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -208,15 +230,16 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block._activation_checkpointed = True
 
 
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip the global gradient norm (max_norm 0 = only measure it) and return it as a float.
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (max_norm 0 = only measure it) and return it, a 0-dim tensor on the
+    gradients' device (no host synchronisation).
 
     With FSDP2 the gradients are DTensor shards: clip_grad_norm_ all-reduces the partial norms and returns a
     DTensor, which full_tensor() turns into the same plain value on every rank."""
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm or math.inf)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()
 
 
 def ensure_process_group(env: DistEnv, backend: str = "auto") -> None:

@@ -29,6 +29,7 @@ from dist_gpt.config import Config
 from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
 from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy, ensure_process_group
+from dist_gpt.precision import MIN_LOSS_SCALE, dtype_name
 
 # ZeRO 1-3 call deprecated torch.distributed collectives hundreds of times per run; the warnings are DeepSpeed's
 # business, not the user's. Filtered here (this module is imported only for the deepspeed strategy).
@@ -36,6 +37,10 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed.*")
 
 SKIP_SHM_BUILD_ENV = "DIST_GPT_DS_SKIP_SHM_BUILD"  # =1: on CPU, use gloo instead of building DeepSpeed's shm comm op
+
+# fp16 keys absent or "auto": DeepSpeed's dynamic loss scaling set up as torch's GradScaler is for the other
+# strategies (start at 2^16, halve on every overflow, double after 2000 clean steps).
+FP16_AUTO = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1, "min_loss_scale": 1}
 
 # Keys whose meaning we own: "optimizer" and "scheduler" would replace our AdamW and our cosine schedule.
 FORBIDDEN_SECTIONS = {
@@ -61,7 +66,6 @@ def resolve_ds_config(raw: dict, config: Config, env: DistEnv, micro_batch_size:
     """Fill the "auto" values from our config; raise one UserError naming both values on any contradiction."""
     ds = copy.deepcopy(raw)
     world = env.world_size
-    bf16 = env.compute_dtype == torch.bfloat16
 
     def fill(section: dict, key: str, ours, our_name: str, where: str = "") -> None:
         """section[key] = ours when absent or "auto"; else it must equal ours."""
@@ -77,15 +81,14 @@ def resolve_ds_config(raw: dict, config: Config, env: DistEnv, micro_batch_size:
     for key, why in FORBIDDEN_SECTIONS.items():
         if key in ds:
             raise UserError(f'{source} has an "{key}" section, but {why}: remove it from {source}')
-    fp16 = ds.get("fp16", {})
-    if fp16.get("enabled", False) not in (False, "auto"):
-        raise UserError(f'{source} enables fp16, which dist_gpt does not train in (bf16 or fp32, from train.dtype): set "fp16": {{"enabled": false}} or remove the section')
-    if fp16:
-        ds["fp16"] = {**fp16, "enabled": False}
-    # Absent counts as "auto": our dtype decides, so a bf16 run never silently trains in fp32.
-    bf16_key = "bfloat16" if "bfloat16" in ds else "bf16"
-    dtype_name = f"bf16 (train.dtype={config.train.dtype} on {env.device.type})"
-    fill(ds.setdefault(bf16_key, {}), "enabled", bf16, dtype_name, where=f"{bf16_key}.")
+    if env.compute_dtype == torch.float16 and env.device.type == "cpu":
+        raise UserError("train.dtype=fp16 with DeepSpeed on cpu: DeepSpeed refuses fp16 on CPU; use train.dtype=fp32 or bf16 (or fp16 with parallel.strategy=ddp or fsdp)")
+    # Absent counts as "auto": our dtype decides, so a bf16 or fp16 run never silently trains in fp32.
+    for key, dtype in (("bfloat16" if "bfloat16" in ds else "bf16", torch.bfloat16), ("fp16", torch.float16)):
+        fill(ds.setdefault(key, {}), "enabled", env.compute_dtype == dtype, f"{dtype_name(dtype)} (train.dtype={config.train.dtype} on {env.device.type})", where=f"{key}.")
+    for key, value in FP16_AUTO.items():  # absent or "auto": as GradScaler (unused unless fp16 is enabled)
+        if ds["fp16"].get(key, "auto") == "auto":
+            ds["fp16"][key] = value
 
     fill(ds, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size")
     fill(ds, "gradient_accumulation_steps", grad_accum_steps, f"grad-accum (train.global_batch_size / (micro-batch {micro_batch_size} x world {world}))")
@@ -128,18 +131,26 @@ class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     # Its per-rank ZeRO partitions: [bf16_]zero_pp_rank_R_*; mp_rank_00_model_states.pt is rank 0's.
     RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_")
+    scales_fp16_loss_itself = True  # the engine's fp16 optimizer: its scale and skips travel in its own checkpoint
 
     def __init__(self, config: Config, env: DistEnv):
         super().__init__(config, env)
         self.engine = None  # the DeepSpeedEngine (the checkpointer uses engine.save_checkpoint / load_checkpoint)
-        self.ds_config: dict | None = None
+        self.raw_ds_config = load_ds_config(config.parallel.ds_config)
+        self.ds_config: dict | None = None  # with the "auto" values filled, once wrap knows the batch shape
+
+    @property
+    def compiles_by_default(self) -> bool:
+        # ZeRO-3's gather hooks on every parameter break compiled blocks into pieces: on CPU (2 ranks, tiny GPT)
+        # its compiled steps were 2-3x slower than eager after a 29 s compile; stages 0-2 compile as the others.
+        return self.raw_ds_config.get("zero_optimization", {}).get("stage", 0) < 3
 
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory, batch: BatchShape) -> None:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) drown the log
         self.ds_config = resolve_ds_config(
-            load_ds_config(self.config.parallel.ds_config), self.config, self.env, batch.micro_batch_size, batch.grad_accum_steps, source=self.config.parallel.ds_config
+            self.raw_ds_config, self.config, self.env, batch.micro_batch_size, batch.grad_accum_steps, source=self.config.parallel.ds_config
         )
         ensure_process_group(self.env, self.config.parallel.backend)  # DeepSpeed joins the group we made
         # DeepSpeed insists on these even when the group exists (a plain `python launch/train.py --ds_config`).
@@ -158,7 +169,7 @@ class DeepSpeedStrategy(Strategy):
         self.unwrapped_model = engine.module
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # with bf16 enabled the engine casts the parameters itself
+        return contextlib.nullcontext()  # with bf16 or fp16 enabled the engine casts the parameters itself
 
     def forward_backward(self, x, y, loss_scale, sync_grads):
         # Our boundary, not DeepSpeed's micro-step counter, decides when gradients are reduced and applied.
@@ -187,6 +198,22 @@ class DeepSpeedStrategy(Strategy):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # the ZeRO optimizers' pre-clipping norm
         return float(norm) if norm is not None else float("nan")
+
+    def _loss_scale(self) -> float | None:
+        """The engine's fp16 loss scale (None without fp16): FP16_Optimizer (stage 0) keeps it in
+        loss_scale_config, the ZeRO optimizers as cur_scale."""
+        if not self.ds_config["fp16"]["enabled"]:
+            return None
+        optimizer = self.engine.optimizer
+        return float(optimizer.loss_scale_config.cur_scale if hasattr(optimizer, "loss_scale_config") else optimizer.cur_scale)
+
+    def skipped_for_overflow(self) -> bool:
+        scale = self._loss_scale()
+        return scale is not None and scale > MIN_LOSS_SCALE
+
+    def loss_scale_stats(self) -> dict[str, float]:
+        scale = self._loss_scale()
+        return {} if scale is None else {"loss_scale": scale, "overflow_skips": int(self.engine.skipped_steps)}
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from dist_gpt.errors import UserError
 from dist_gpt.parallel.base import ensure_process_group, transformer_blocks
 from dist_gpt.parallel.single import SingleDevice
+from dist_gpt.precision import HALF_DTYPES
 
 
 class FSDPStrategy(SingleDevice):
@@ -37,6 +38,9 @@ class FSDPStrategy(SingleDevice):
         if world == 1 and self.env.is_main:
             print("fsdp on a world of 1 process: parameters are not sharded (each shard is the whole tensor); launch with torchrun --nproc_per_node=N to shard", flush=True)
         p = self.config.parallel
+        if p.fsdp_cpu_offload and self.scaler.enabled and self.env.device.type == "cuda":
+            # The overflow flag of CPU-offloaded gradient shards would be all-reduced as a CPU tensor over NCCL.
+            raise UserError("train.dtype=fp16 with parallel.fsdp_cpu_offload=true is not supported: use bf16 or fp32 with offload, or fp16 without it (or DeepSpeed's zero3-offload.json)")
         kwargs = dict(
             mesh=init_device_mesh(self.env.device.type, (world,)),
             reshard_after_forward=p.fsdp_reshard_after_forward,
@@ -51,10 +55,11 @@ class FSDPStrategy(SingleDevice):
         return model
 
     def mixed_precision(self) -> MixedPrecisionPolicy:
-        """bf16 compute: parameters gathered in bf16 (half the all-gather bytes), gradients reduced in fp32 and
-        the sharded master weights kept in fp32."""
-        if self.env.compute_dtype == torch.bfloat16:
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        """bf16 or fp16 compute: parameters gathered in that dtype (half the all-gather bytes), gradients
+        reduced in fp32 and the sharded master weights kept in fp32. fp16's loss scaling is the base class's
+        GradScaler: its overflow check on the DTensor gradient shards is agreed over the mesh by torch."""
+        if self.env.compute_dtype in HALF_DTYPES:
+            return MixedPrecisionPolicy(param_dtype=self.env.compute_dtype, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()
 
     def autocast(self) -> contextlib.AbstractContextManager:

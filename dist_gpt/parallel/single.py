@@ -26,12 +26,15 @@ class SingleDevice(Strategy):
     def forward_backward(self, x, y, loss_scale, sync_grads):
         with self.autocast():
             loss = self.model(x, y)
-        (loss * loss_scale).backward()
+        self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
 
-    def clip_and_step(self, max_norm: float) -> float:
+    def clip_and_step(self, max_norm: float):
+        self.scaler.unscale_(self.optimizer)  # clipping and the reported norm see the true gradients
         norm = clip_grad_norm(self.model.parameters(), max_norm)
-        if math.isfinite(norm):
+        if self.scaler.enabled:
+            self.scaler.step(self.optimizer)  # skips a step whose fp16 gradients overflowed, and lowers the scale
+        elif math.isfinite(norm):  # reads the norm from the device: the step's one host synchronisation
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
