@@ -23,6 +23,11 @@ BUDGET_BAND = (0.90, 1.00)  # the autotuner's chosen size: its peak in [90 %, 10
 GIB = 2**30  # the autotuner's "GB" (train.memory_budget_gb) are GiB
 
 
+def num(value, spec: str = ",.0f", scale: float = 1.0) -> str:
+    """A summary number, or n/a where the run had none to give (JSON null: e.g. no steps after the warm-up)."""
+    return "n/a" if value is None else format(value * scale, spec)
+
+
 def records(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -55,9 +60,9 @@ def trainer(run_dir: str) -> tuple[str, str]:
     result = (
         f"step {last['step']} log line: {last['tokens_per_s']:,.0f} tok/s, MFU {100 * last['mfu']:.1f} % "
         f"({s['dtype']}, compile {'on' if s['compile'] else 'off'}, micro-batch {s['micro_batch_size']} x grad-accum {s['grad_accum_steps']}); "
-        f"run mean {s['tokens_per_s']:,.0f} tok/s, MFU {100 * s['mfu']:.1f} %; loss {last['loss']:.3f}"
+        f"run mean {num(s['tokens_per_s'])} tok/s, MFU {num(s['mfu'], '.1f', 100)} %; loss {last['loss']:.3f}"
     )
-    if not math.isfinite(last["loss"]):
+    if last["loss"] is None or not math.isfinite(last["loss"]):
         return "FAIL", result + ": non-finite loss"
     return ("ok" if last["mfu"] >= MFU_TARGET else "below"), result + f" (target MFU >= {100 * MFU_TARGET:.0f} %)"
 
@@ -65,14 +70,16 @@ def trainer(run_dir: str) -> tuple[str, str]:
 def dtypes(fp16_dir: str, other_dir: str) -> tuple[str, str]:
     a, b = summary(fp16_dir), summary(other_dir)
     names = (a["dtype"], b["dtype"])
-    finite = all(math.isfinite(s[k]) for s in (a, b) for k in ("train_loss", "val_loss"))
+    finite = all(s[k] is not None and math.isfinite(s[k]) for s in (a, b) for k in ("train_loss", "val_loss"))
+    if not finite:
+        return "FAIL", f"a loss is not finite: {names[0]} {a['train_loss']} / {a['val_loss']}, {names[1]} {b['train_loss']} / {b['val_loss']}"
     train_delta = abs(a["train_loss"] - b["train_loss"]) / b["train_loss"]
     val_delta = abs(a["val_loss"] - b["val_loss"]) / b["val_loss"]
     result = (
         f"after step {a['step']}: train loss {a['train_loss']:.5f} ({names[0]}) vs {b['train_loss']:.5f} ({names[1]}), {100 * train_delta:.2f} % apart; "
         f"val {a['val_loss']:.5f} vs {b['val_loss']:.5f}, {100 * val_delta:.2f} %; "
         f"fp16 loss scale {a.get('loss_scale', float('nan')):g}, {a.get('overflow_skips', '?')} overflow skips; "
-        f"{a['tokens_per_s']:,.0f} vs {b['tokens_per_s']:,.0f} tok/s"
+        f"{num(a['tokens_per_s'])} vs {num(b['tokens_per_s'])} tok/s"
     )
     ok = finite and names[0] == "fp16" and max(train_delta, val_delta) < DTYPE_REL_TOL
     return ("ok" if ok else "FAIL"), result

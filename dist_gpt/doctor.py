@@ -225,6 +225,9 @@ def training_check(workdir: Path, device_type: str) -> tuple[str, str, dict]:
     peak_mb = max(max(v for k, v in r.items() if k in ("mem_peak_alloc_mb", "mem_peak_rss_mb")) for r in steps)
     numbers = {k: summary[k] for k in ("tokens_per_s", "mfu", "train_loss", "val_loss", "dtype", "compile", "micro_batch_size")}
     numbers.update(peak_memory_mb=peak_mb, first_loss=steps[0]["loss"])
+    losses = [r["loss"] for r in steps] + [summary["train_loss"], summary["val_loss"]]  # non-finite ones are JSON null
+    if any(loss is None or not math.isfinite(loss) for loss in losses):
+        return f"non-finite loss: {losses}", "FAIL", numbers
     shape = "gpt2 124M" if device_type == "cuda" else "tiny GPT"
     precision = numbers["dtype"] + (f", loss scale {summary['loss_scale']:g}, {summary['overflow_skips']} overflow skips" if "loss_scale" in summary else "")
     result = (
@@ -232,9 +235,6 @@ def training_check(workdir: Path, device_type: str) -> tuple[str, str, dict]:
         f"compile {'per block' if summary['compile'] else 'off'}: {summary['tokens_per_s']:,.0f} tok/s, MFU {100 * summary['mfu']:.1f} %, "
         f"peak {peak_mb / 1024:.2f} GiB, loss {steps[0]['loss']:.2f} -> {summary['train_loss']:.2f}"
     )
-    finite = all(math.isfinite(r["loss"]) for r in steps) and math.isfinite(summary["val_loss"])
-    if not finite:
-        return result + ": non-finite loss", "FAIL", numbers
     if summary["train_loss"] >= steps[0]["loss"]:
         return result + ": the loss did not fall", "FAIL", numbers
     return result, "ok", numbers

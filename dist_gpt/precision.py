@@ -133,8 +133,8 @@ class LossScaler:
     def _scale(self) -> torch.Tensor:
         return self.grad_scaler._get_scale_async()  # the device tensor; get_scale() would synchronise
 
-    def scale(self) -> float:
-        """The current loss scale (reads it from the device)."""
+    def current_scale(self) -> float:
+        """The loss scale now (reads it from the device)."""
         return self.grad_scaler.get_scale()
 
     def stats(self) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,8 +19,8 @@ from dist_gpt.distributed import DistEnv, all_reduce_mean, all_reduce_sum, destr
 from dist_gpt.errors import UserError
 from dist_gpt.metrics import MetricsLogger, device_peak
 from dist_gpt.parallel import BatchShape, Strategy
-from dist_gpt.run_lock import hold_run_dir
 from dist_gpt.precision import dtype_name, dtype_notice
+from dist_gpt.run_lock import hold_run_dir
 from dist_gpt.schedule import CosineSchedule
 from dist_gpt.step import train_step
 from dist_gpt.step_guard import DivergenceGuard
@@ -149,6 +150,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     guard = DivergenceGuard(t.max_skipped_steps)
     with checkpointer.stop_signals():
         while state.step < t.max_steps:
+            step_start = time.perf_counter()
             lr = schedule(state.step)
             strategy.set_lr(lr)
             result = train_step(strategy, loader.next_batch, grad_accum, t.grad_clip)
@@ -250,7 +252,7 @@ def format_record(r: dict) -> str:
     memory = " | ".join(f"{k.removeprefix('mem_').removesuffix('_mb')} {v:,.0f} MB" for k, v in r.items() if k.startswith("mem_"))
     # fp16: overflow skips are the loss scaler finding its level (expected), not divergence
     scaling = f" | loss scale {r['loss_scale']:g} ({r['overflow_skips']} overflow skips)" if "loss_scale" in r else ""
-    skipped = f" | SKIPPED: {r['skipped']} ({r['skipped_steps']} non-finite in this run)" if "skipped" in r else ""
+    skipped = f" | SKIPPED: {r['skipped']} ({r['skipped_steps']} in this run)" if "skipped" in r else ""
     return (
         f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
         f"{r['ms_per_step']:.0f} ms | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}%{scaling} | {memory}{skipped}"

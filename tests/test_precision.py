@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
 from dist_gpt.parallel import BatchShape, build_strategy
 from dist_gpt.parallel.deepspeed import DeepSpeedStrategy, load_ds_config, resolve_ds_config
-from dist_gpt.precision import DeviceFacts, LossScaler, choose_dtype, dtype_notice
+from dist_gpt.precision import MIN_LOSS_SCALE, DeviceFacts, LossScaler, choose_dtype, dtype_notice
+from dist_gpt.step import FP16_OVERFLOW, NON_FINITE, accumulate_gradients, apply_update, train_step
+from dist_gpt.step_guard import DivergenceGuard
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, tokenizer_vocab_size=256)
 FP16_LOSS_REL_TOL = 5e-4  # fp16 vs fp32 over 8 steps of this model: measured 3e-5 (bf16: 1e-4)
@@ -141,6 +144,28 @@ def test_forced_overflow_skips_exactly_that_step_and_lowers_the_scale(one_thread
     train_steps(strategy, 1, seed=2)  # the next one steps again, at the lowered scale
     assert not all(torch.equal(a, b) for a, b in zip(before, parameters(strategy)))
     assert optimizer_state() == 3 and strategy.loss_scale_stats() == {"loss_scale": 32768.0, "overflow_skips": 1}
+
+
+def test_fp16_overflow_is_not_divergence_until_the_scale_reaches_one(one_thread):
+    """issue 10's guard counts non-finite steps; an fp16 overflow is the scaler's business, unless even a loss
+    scale of 1 (MIN_LOSS_SCALE) overflows: then nothing scaling can do helps, and it is divergence."""
+    strategy = tiny_strategy(torch.float16)
+    data = batches(4)
+    guard = DivergenceGuard(max_consecutive=2)
+
+    def overflowing_step():
+        loss = accumulate_gradients(strategy, lambda: next(data), 1)
+        with torch.no_grad():
+            next(strategy.model.parameters()).grad.view(-1)[0] = math.inf
+        result = apply_update(strategy, loss, 1.0)
+        guard.record(result)
+        return result
+
+    assert overflowing_step().skip_reason == FP16_OVERFLOW and guard.consecutive == 0 and guard.total == 0
+    strategy.scaler.grad_scaler.update(new_scale=MIN_LOSS_SCALE)
+    assert overflowing_step().skip_reason == NON_FINITE and guard.consecutive == 1
+    assert overflowing_step().skip_reason == NON_FINITE and guard.diverged
+    assert strategy.loss_scale_stats()["overflow_skips"] == 3
 
 
 def test_disabled_scaler_is_a_pass_through_with_empty_state():
@@ -303,26 +328,28 @@ def test_cuda_dtype_auto_and_tf32():
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_steps_never_wait_for_the_gpu(dtype):
-    """Forward, backward, unscale, clip, the (fused) AdamW step, the overflow check: no host synchronisation,
-    so the host queues steps ahead of the GPU. torch raises on any synchronising call in this mode."""
+def test_cuda_a_step_waits_for_the_gpu_once(dtype):
+    """No host synchronisation per micro-batch (forward, backward, the loss summed on the device), one per step:
+    the gradient norm read to skip a non-finite step (with fp16, fused AdamW's overflow check stays on the device).
+    torch's sync debug mode warns at every synchronising call."""
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("no native bf16")
     env = DistEnv(device=torch.device("cuda", 0), compute_dtype=dtype)
     strategy = tiny_strategy(dtype, "train.device=cuda", env=env)
-    data = [(x.cuda(), y.cuda()) for x, y in batches(4)]
-    for x, y in data[:2]:  # the first steps create the optimizer state and the scaler's tensors
-        strategy.forward_backward(x, y, 1.0, sync_grads=True)
-        strategy.clip_and_step(1.0)
+    data = iter([(x.cuda(), y.cuda()) for x, y in batches(12)])
+    for _ in range(2):  # the first steps create the optimizer state and the scaler's tensors
+        train_step(strategy, lambda: next(data), 3, 1.0)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for x, y in data[2:]:
-            loss = strategy.forward_backward(x, y, 1.0, sync_grads=True)
-            norm = strategy.clip_and_step(1.0)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert math.isfinite(loss.item()) and math.isfinite(float(norm))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            results = [train_step(strategy, lambda: next(data), 3, 1.0) for _ in range(2)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, syncs
+    assert all(math.isfinite(r.grad_norm) and not r.skipped for r in results)
 
 
 @needs_cuda

@@ -96,7 +96,7 @@ class Strategy(ABC):
         """After a step whose gradients were not finite: True when fp16 loss scaling explains it (an overflow,
         expected while the scale settles: the scale was lowered and is still above MIN_LOSS_SCALE), False when
         it is divergence. Reads the scale from the device: asked only after such a step."""
-        return self.scaler.enabled and self.scaler.scale() > MIN_LOSS_SCALE
+        return self.scaler.enabled and self.scaler.current_scale() > MIN_LOSS_SCALE
 
     def loss_scale_stats(self) -> dict[str, float]:
         """fp16's current loss scale and the steps skipped on overflow so far ({} without fp16). Reads from

@@ -33,8 +33,10 @@ class SingleDevice(Strategy):
         self.scaler.unscale_(self.optimizer)  # clipping and the reported norm see the true gradients
         norm = clip_grad_norm(self.model.parameters(), max_norm)
         if self.scaler.enabled:
-            self.scaler.step(self.optimizer)  # skips a step whose fp16 gradients overflowed, and lowers the scale
-        elif math.isfinite(norm):  # reads the norm from the device: the step's one host synchronisation
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # skips a step whose fp16 gradients overflowed (on the device when fused)
+        else:
+            norm = float(norm)  # the step's one host synchronisation: the update must not reach the weights if not finite
+            if math.isfinite(norm):
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
