@@ -21,7 +21,10 @@ def cli(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            # One write of the whole line: the ranks of a launch share the terminal, and print()'s separate
+            # write of the newline let two ranks' lines run into one.
+            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
             tell_torchrun(f"error: {e}")
             sys.exit(2)
 

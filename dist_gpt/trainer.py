@@ -123,7 +123,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     budget = None
     if limit_seconds and env.is_main:  # rank 0's clock decides; the stop is agreed like a signal's
         eval_in_steps = math.ceil(t.eval_batches / env.world_size) / grad_accum
-        budget = TimeBudget(limit_seconds, limit_source, 12 * model.num_params(), eval_in_steps)  # fp32 weights + AdamW's 2 moments
+        budget = TimeBudget(limit_seconds, limit_source, 12 * built.params, eval_in_steps)  # fp32 weights + AdamW's 2 moments
     if env.is_main:
         notice = dtype_notice(env.compute_dtype, env.device.type)
         if notice:

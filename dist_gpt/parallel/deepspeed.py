@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import io
@@ -136,8 +137,12 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, config: Config, env: DistEnv):
         super().__init__(config, env)
         self.engine = None  # the DeepSpeedEngine (the checkpointer uses engine.save_checkpoint / load_checkpoint)
-        self.raw_ds_config = load_ds_config(config.parallel.ds_config)
         self.ds_config: dict | None = None  # with the "auto" values filled, once wrap knows the batch shape
+
+    @functools.cached_property
+    def raw_ds_config(self) -> dict:
+        """The ds_config file as written (its "auto" values unfilled), read when first needed."""
+        return load_ds_config(self.config.parallel.ds_config)
 
     @property
     def compiles_by_default(self) -> bool:
