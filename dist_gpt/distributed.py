@@ -71,13 +71,8 @@ def init_distributed(device: str = "auto", dtype: str = "auto", backend: str = "
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, compute_dtype=pick_dtype(dtype, dev))
 
 
-def destroy_distributed(wait_for_peers: bool = False) -> None:
-    """Leave the process group. wait_for_peers (a run that ended well on every rank): a barrier first, so that no
-    rank tears down its connections while a peer still uses them. After an error it would wait for ranks that
-    may never come, so a failing run leaves without it."""
+def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
-        if wait_for_peers:
-            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -17,9 +17,7 @@ def run_training(config: Config) -> dict:
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
     try:
         with trainer.enter_run(config, env):  # before the autotuner: bad data or a busy run directory cost nothing
-            summary = trainer.train(config, env, resolve_micro_batch_size(config, env))
-        destroy_distributed(wait_for_peers=True)
-        return summary
+            return trainer.train(config, env, resolve_micro_batch_size(config, env))
     finally:
         destroy_distributed()
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from dist_gpt.config import add_print_config, load_config, render_config
-from dist_gpt.errors import cli
+from dist_gpt.errors import cli, run_worker_entry_point
 from dist_gpt.launcher import add_launch_arguments, launch, preflight, torchrun_argv, wants_launch
 
 
@@ -46,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker_entry_point(main)
