@@ -30,7 +30,7 @@ from dist_gpt import runtime
 from dist_gpt.build import build, seed_everything
 from dist_gpt.config import Config, load_config
 from dist_gpt.distributed import DistEnv, destroy_distributed, init_distributed
-from dist_gpt.errors import UserError, cli
+from dist_gpt.errors import UserError, cli, run_worker_entry_point
 from dist_gpt.metrics import PeakFlops, device_peak, synchronize
 from dist_gpt.parallel import BatchShape
 from dist_gpt.step import accumulate_gradients, apply_update
@@ -224,4 +224,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker_entry_point(main)  # under torchrun: the same clean exit as launch/train.py

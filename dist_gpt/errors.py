@@ -40,13 +40,14 @@ def run_worker_entry_point(main) -> None:
     exception", SIGABRT; ~1 in 6 runs of a tiny FSDP2 job here, and a barrier before leaving the group did not
     help), and the launcher then reports a finished run as a failed one. By the time main returns everything
     the run keeps is on disk, so the teardown has nothing left to do for us."""
+    if "LOCAL_RANK" not in os.environ:  # a process of its own: the interpreter's ordinary exit
+        main()
+        return
     try:
         main()
         code = 0
     except SystemExit as stop:
         code = stop.code
-    if "LOCAL_RANK" not in os.environ:
-        sys.exit(code)
     if code is not None and not isinstance(code, int):  # sys.exit("message"): print it as Python would
         sys.stderr.write(f"{code}\n")
         code = 1
