@@ -13,7 +13,7 @@ import torch
 from dist_gpt.autotune.budget import memory_strategy
 from dist_gpt.autotune.search import Outcome, TrialResult, Tried
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
+from dist_gpt.distributed import DistEnv, broadcast_from_main
 
 
 def device_name(env: DistEnv) -> str:
@@ -75,10 +75,4 @@ def read_cache(path: Path, env: DistEnv) -> dict | None:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             data = None  # unreadable: search again and overwrite it
-    import torch.distributed as dist
-
-    if env.world_size > 1 and dist.is_initialized():
-        box = [data]
-        dist.broadcast_object_list(box, src=0)
-        data = box[0]
-    return data
+    return broadcast_from_main(data)

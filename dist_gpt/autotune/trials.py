@@ -22,7 +22,7 @@ import torch
 from dist_gpt.autotune.measure import TRIAL_STEPS, cuda_overhead_bytes, run_steps, trial_config
 from dist_gpt.autotune.search import TrialResult
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, all_reduce_max
+from dist_gpt.distributed import DistEnv, all_reduce_max, broadcast_from_main
 from dist_gpt.memory import GB, MB
 from dist_gpt.precision import dtype_name
 
@@ -199,13 +199,13 @@ class TrialRunner:
         import torch.distributed as dist
 
         self.store_host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = [None]
+        port = None
         if self.env.rank == 0:
             store = dist.TCPStore(self.store_host, 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
-            port = [store.port]
-        dist.broadcast_object_list(port, src=0)
+            port = store.port
+        port = broadcast_from_main(port)
         if self.env.rank != 0:
-            store = dist.TCPStore(self.store_host, port[0], is_master=False, timeout=datetime.timedelta(seconds=60))
+            store = dist.TCPStore(self.store_host, port, is_master=False, timeout=datetime.timedelta(seconds=60))
         return store
 
     def _trial_ds_config(self) -> str:

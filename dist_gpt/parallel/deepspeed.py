@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
+from dist_gpt.distributed import DistEnv, broadcast_from_main
 from dist_gpt.errors import UserError
 from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy, ensure_process_group
 from dist_gpt.precision import MIN_LOSS_SCALE, dtype_name
@@ -298,10 +298,7 @@ class DeepSpeedStrategy(Strategy):
                     error = (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[-1]
             except (OSError, subprocess.TimeoutExpired) as e:
                 error = str(e)
-        if self.env.distributed:
-            flag = [error]
-            dist.broadcast_object_list(flag, src=0)
-            error = flag[0]
+        error = broadcast_from_main(error)
         if error:
             raise UserError(f"{cannot}, and DeepSpeed's universal-checkpoint conversion failed ({error}): {fallback}")
         return out
