@@ -177,7 +177,7 @@ def bench(base: str, variant_specs: list[str], common: list[str], steps: int, wa
             "block_size": v0.config.model.block_size,
             "peak_tflops": peak.flops / 1e12,
             "peak_source": peak.source,
-            "attention": v0.strategy.unwrapped_model.attention_backend() if v0.strategy.unwrapped_model is not None else "?",
+            "attention": v0.strategy.unwrapped_model.attention_backend(env.compute_dtype) if v0.strategy.unwrapped_model is not None else "?",
             "steps": steps,
             "warmup": warmup,
             "is_main": env.is_main,
