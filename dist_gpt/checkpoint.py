@@ -339,7 +339,13 @@ class Checkpointer:
         complete = sorted((p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
         for old in complete[: -self.config.checkpoint.keep_last_k]:
             if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                # Out of the step_N namespace first (one atomic rename), then deleted: a kill in the middle of the
+                # delete leaves a step_N.old.tmp, which the next save removes, never a step_N that has its
+                # manifest but lacks some of its shards.
+                doomed = old.with_name(old.name + ".old.tmp")
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     def latest(self) -> str | None:
         """The newest published checkpoint's directory, if any."""
