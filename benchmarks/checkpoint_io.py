@@ -33,13 +33,13 @@ MODELS = {"seed": ["model.preset=seed"], "gpt2": ["model.preset=gpt2", "model.bl
 
 def build(model_name: str, out_dir: Path, async_save: bool = False):
     """A config, env, strategy (model + AdamW after one step) and a Checkpointer writing under out_dir."""
-    from dist_gpt.build import build as build_training
-    from dist_gpt.checkpoint import Checkpointer
+    from dist_gpt.checkpoint.checkpointer import Checkpointer
     from dist_gpt.config import load_config
-    from dist_gpt.distributed import init_distributed
+    from dist_gpt.engine.build import build as build_training
+    from dist_gpt.engine.step import train_step
     from dist_gpt.parallel import BatchShape
-    from dist_gpt.step import train_step
-    from dist_gpt.trainer import TrainState
+    from dist_gpt.runtime.distributed import init_distributed
+    from dist_gpt.train.loop import TrainState
 
     overrides = MODELS[model_name] + [
         "train.device=cpu",
@@ -65,7 +65,7 @@ def bench_model(model_name: str, root: Path, repeats: int) -> list[dict]:
     import contextlib
     import io
 
-    from dist_gpt.checkpoint import step_dir_name
+    from dist_gpt.checkpoint.manifest import step_dir_name
 
     with contextlib.redirect_stdout(io.StringIO()):  # "checkpoint saved: ..." on every save
         config, env, strategy, ckpt, model = build(model_name, root)

@@ -32,7 +32,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     import torch
 
     from dist_gpt.model import GPT, preset
-    from dist_gpt.runtime import keep_freed_memory, page_faults
+    from dist_gpt.runtime.malloc import keep_freed_memory, page_faults
 
     loss, chunk, malloc = spec.split(":")
     torch.set_num_threads(args.threads)
@@ -69,7 +69,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
 
 
 def child_env(malloc: str) -> dict[str, str]:
-    from dist_gpt.runtime import malloc_env
+    from dist_gpt.runtime.malloc import malloc_env
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DIST_GPT_MALLOC")}
     return malloc_env(env) if malloc == "env" else env

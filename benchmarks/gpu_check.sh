@@ -13,7 +13,7 @@
 #   trainer     torchrun --nproc_per_node=1 launch/train.py --config gpt2-124m-owt, 30 steps: its log line's tok/s, MFU
 #   fp16/bf16   train.dtype=fp16 forced against bf16, 50 steps each (eager): both finite, losses within 1 %
 #   autotune    train.micro_batch_size=auto with a 24 GB budget (an L4): the chosen size's peak as % of 24 GB
-#   compile     dist_gpt.bench --compare compile off / on (when time is left)
+#   compile     dist_gpt.tools.bench --compare compile off / on (when time is left)
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)

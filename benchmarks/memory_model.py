@@ -1,4 +1,4 @@
-"""The memory model (dist_gpt.memory) against measurement: predicted vs measured peak, per shape and micro-batch.
+"""The memory model (dist_gpt.autotune.memory) against measurement: predicted vs measured peak, per shape and micro-batch.
 
 Each measurement is an autotuner trial (dist_gpt.autotune): a fresh process running real training steps
 of the real model and strategy, whose peak is the resident set on CPU and max_memory_allocated + the CUDA
@@ -17,11 +17,10 @@ import dataclasses
 
 import torch
 
-from dist_gpt import memory
-from dist_gpt.autotune import measure_sizes
+from dist_gpt.autotune import measure_sizes, memory
 from dist_gpt.config import Config, from_dict, load_config
-from dist_gpt.distributed import init_distributed
 from dist_gpt.parallel import resolve_strategy_name
+from dist_gpt.runtime.distributed import init_distributed
 
 # Small enough for a few seconds per trial on 2 CPU cores, different enough to exercise the terms: RoPE vs
 # learned positions, chunked vs plain loss (one chunk buffer whatever the batch vs N x V logits growing with
@@ -43,7 +42,7 @@ def live_tensor_peak(config: Config, micro_batch: int, steps: int = 2) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from dist_gpt.autotune import run_steps
-    from dist_gpt.distributed import DistEnv
+    from dist_gpt.runtime.distributed import DistEnv
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run_steps(config, DistEnv(), micro_batch, 1, steps)

@@ -1,4 +1,4 @@
-"""The planner (dist_gpt.plan) against measurement: its predicted peak per GPU vs what the bench measures.
+"""The planner (dist_gpt.autotune.plan) against measurement: its predicted peak per GPU vs what the bench measures.
 
 Each measurement is the real bench (`python -m dist_gpt.bench --json`, under `torchrun` for more than one
 process) running real training steps of the option's strategy at one micro-batch; its peak is the resident
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dist_gpt import plan
+from dist_gpt.autotune import plan
 
 REPO = Path(__file__).resolve().parent.parent
 # tests/test_plan.py's shape: activations, states and the loss's buffers each tens of MB, so the prediction's

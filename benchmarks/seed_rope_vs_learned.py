@@ -56,7 +56,7 @@ def train_command(variant: str, seed: int, out_dir: Path) -> list[str]:
 
 
 def is_complete(run_dir: Path) -> bool:
-    from dist_gpt.runs import read_run
+    from dist_gpt.tools.runs import read_run
 
     return (run_dir / "metrics.jsonl").is_file() and read_run(run_dir).steps >= STEPS
 
@@ -107,9 +107,9 @@ def cell(value: float | None, fmt: str) -> str:
 
 
 def report(seeds: list[int], out_dir: Path, doc: Path, plot_path: Path, training: str, command: str) -> str:
-    from dist_gpt.compare import markdown_table
-    from dist_gpt.plot import plot_runs
-    from dist_gpt.runs import read_run
+    from dist_gpt.tools.compare import markdown_table
+    from dist_gpt.tools.plot import plot_runs
+    from dist_gpt.tools.runs import read_run
 
     runs = {(v, s): read_run(out_dir / run_name(v, s)) for s in seeds for v in VARIANTS}
     final = {v: [runs[v, s].final_val for s in seeds] for v in VARIANTS}

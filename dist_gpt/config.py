@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
+import re
 import textwrap
 import tokenize
 import types
@@ -23,9 +25,8 @@ import yaml
 
 from dist_gpt.errors import UserError
 from dist_gpt.model import CUDA_ONLY_BACKENDS, PRESETS, GPTConfig
-from dist_gpt.precision import DTYPES
-from dist_gpt.time_budget import parse_time_limit
 
+DTYPES = ("fp32", "bf16", "fp16")  # train.dtype besides auto; runtime/precision.py maps them to torch dtypes
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides auto; one module each in parallel/
 
 
@@ -144,6 +145,37 @@ def dataset_slug(dataset: str) -> str:
         if stem:
             return stem
     return "dataset"
+
+
+# ------------------------------------------------------------------------------------------ durations
+
+
+_UNITS = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+_CLOCK = re.compile(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)")  # [D-][H:]M:S, as SLURM prints remaining time
+
+
+def parse_time_limit(value: str | float | int | None, source: str = "train.time_limit") -> float | None:
+    """Seconds from '3h30m', '90m', '45s', '1d2h', '2:30:00' ([D-][H:]M:S) or a number of minutes; None for
+    no limit ('', 0). A value that is none of these is a UserError naming `source`."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    if not text:
+        return None
+    try:
+        seconds = float(text) * 60
+    except ValueError:
+        units, clock = _UNITS.fullmatch(text), _CLOCK.fullmatch(text)
+        if units and any(units.groups()):
+            days, hours, minutes, secs = (float(g or 0) for g in units.groups())
+        elif clock:
+            days, hours, minutes, secs = (float(g or 0) for g in clock.groups())
+        else:
+            raise UserError(f"{source}={value!r} is not a duration: write e.g. 3h30m, 90m, 45s, 2:30:00, or a number of minutes") from None
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UserError(f"{source}={value!r} must be a positive duration (0 or empty: no limit)")
+    return seconds or None
 
 
 # ------------------------------------------------------------------------------------------ showing

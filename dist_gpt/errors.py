@@ -59,7 +59,7 @@ def run_worker_entry_point(main) -> None:
 def tell_torchrun(message: str) -> None:
     """Under the `torchrun` command, also write the message where its failure report looks (the worker's error
     file): the report then names our error instead of pointing at its docs. It still prints its traceback,
-    which no worker can prevent: `python launch/train.py --nproc_per_node=N` avoids it (dist_gpt/launcher.py)."""
+    which no worker can prevent: `python launch/train.py --nproc_per_node=N` avoids it (dist_gpt/runtime/launcher.py)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         try:

@@ -5,7 +5,7 @@
 
 `torchrun ... launch/train.py ...` and `deepspeed ... launch/train.py --ds_config ...` start it too; with
 --nproc_per_node (and torchrun's other options) it launches the workers itself, through torchrun's machinery,
-and a mistake or a Ctrl-C ends with our line rather than the launcher's report (dist_gpt/launcher.py says why).
+and a mistake or a Ctrl-C ends with our line rather than the launcher's report (dist_gpt/runtime/launcher.py says why).
 """
 
 import argparse
@@ -13,7 +13,7 @@ import sys
 
 from dist_gpt.config import add_print_config, load_config, render_config
 from dist_gpt.errors import cli, run_worker_entry_point
-from dist_gpt.launcher import add_launch_arguments, launch, preflight, torchrun_argv, wants_launch
+from dist_gpt.runtime.launcher import add_launch_arguments, launch, preflight, torchrun_argv, wants_launch
 
 
 @cli
@@ -40,7 +40,7 @@ def main() -> None:
         worker_args = ["--config", args.config, *(["--ds_config", args.ds_config] if args.ds_config else []), *args.overrides]
         sys.exit(launch(torchrun_argv(args, __file__, worker_args)))
 
-    from dist_gpt.run import run_training  # here: --help, --print-config and the launcher need none of its imports
+    from dist_gpt.train.run import run_training  # here: --help, --print-config and the launcher need none of its imports
 
     run_training(config)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_gpt.checkpoint import LATEST, read_manifest, verify_files
+from dist_gpt.checkpoint.manifest import LATEST, read_manifest, verify_files
 
 REPO = Path(__file__).resolve().parent.parent
 

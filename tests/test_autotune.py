@@ -1,4 +1,4 @@
-"""The micro-batch autotuner (dist_gpt.autotune) and the memory model it starts from (dist_gpt.memory).
+"""The micro-batch autotuner (dist_gpt.autotune) and the memory model it starts from (dist_gpt.autotune.memory).
 
 The search and the choice are pure functions over a trial callable, so most tests drive them with simulated
 devices: exact, noisy, flaky, or two ranks that disagree. The rest measure for real on CPU, with shapes small
@@ -18,9 +18,8 @@ import types
 
 import pytest
 import torch
-
 from conftest import REPO, needs_cuda, run_python, tiny_overrides
-from dist_gpt import memory
+
 from dist_gpt.autotune import (
     NO_GLOBAL_BATCH_CAP,
     RunMemoryModel,
@@ -28,15 +27,16 @@ from dist_gpt.autotune import (
     agree_across_ranks,
     autotune,
     measure_sizes,
+    memory,
     nothing_fits_message,
     search_largest,
     tune,
     worst_of,
 )
 from dist_gpt.config import from_dict
-from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT, Block, GPTConfig
+from dist_gpt.runtime.distributed import DistEnv
 
 MB = memory.MB
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from conftest import TINY_MODEL, run_python
-from dist_gpt.runtime import restore_default_malloc
+
+from dist_gpt.runtime.malloc import restore_default_malloc
 
 
 def test_bench_quick_compare_reports_every_field():

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import (
     Proc,
     assert_consistent,
@@ -33,10 +32,12 @@ from conftest import (
     tmp_dirs,
     train_cli,
 )
-from dist_gpt.checkpoint import LATEST, MANIFEST, check_model_shape, consolidated_state_dict, read_manifest
+
+from dist_gpt.checkpoint.consolidate import consolidated_state_dict
+from dist_gpt.checkpoint.manifest import LATEST, MANIFEST, check_model_shape, read_manifest
 from dist_gpt.config import load_config
 from dist_gpt.errors import UserError
-from dist_gpt.trainer import train
+from dist_gpt.train.loop import train
 
 KILL_MAX_STEPS = 16
 KILL_EVERY = 2
@@ -154,7 +155,7 @@ def test_stop_signal_handler():
     """SIGTERM, SIGUSR1 and a first Ctrl-C only ask to stop, and the first signal names the stop; a second
     signal at once is a launcher relaying the first (torchrun: SIGINT again, DeepSpeed: SIGTERM); a second
     Ctrl-C after that interrupts at once; the previous handlers come back afterwards."""
-    from dist_gpt.stop_signals import RELAYED_SIGNAL_WINDOW_S, StopRequest, catch_stop_signals
+    from dist_gpt.runtime.stop_signals import RELAYED_SIGNAL_WINDOW_S, StopRequest, catch_stop_signals
 
     previous = signal.getsignal(signal.SIGUSR1)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
@@ -326,8 +327,8 @@ def test_async_save_resumes_to_the_same_losses(tiny_data, tmp_path):
 
 
 def test_export_sample_and_finetune(trained, tiny_data, tmp_path, capsys):
-    from dist_gpt import export, sample
-    from dist_gpt.pretrained import load_exported
+    from dist_gpt.interop.openai_gpt2 import load_exported
+    from dist_gpt.tools import export, sample
 
     run_dir, _ = trained
     out = tmp_path / "tiny.safetensors"

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import losses_by_step, read_jsonl, run_python, tiny_overrides
-from dist_gpt.checkpoint import consolidated_state_dict
-from dist_gpt.compare import markdown_table
+
+from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 from dist_gpt.config import load_config
 from dist_gpt.model import GPT
-from dist_gpt.runs import read_run
-from dist_gpt.trainer import train
+from dist_gpt.tools.compare import markdown_table
+from dist_gpt.tools.runs import read_run
+from dist_gpt.train.loop import train
 
 # lr_decay_steps fixed: the 2-step first half of the resumed run must follow the same schedule as the straight run.
 COMMON = dict(train__max_steps=4, train__eval_every=2, train__lr=1e-2, train__lr_decay_steps=4)
@@ -49,8 +49,8 @@ def test_untied_run_checkpoints_and_resumes_exactly(runs):
 
 
 def test_untied_run_exports_and_loads(runs, tmp_path):
-    from dist_gpt.export import main as export
-    from dist_gpt.pretrained import load_exported
+    from dist_gpt.interop.openai_gpt2 import load_exported
+    from dist_gpt.tools.export import main as export
 
     export([str(runs / "untied"), "--out", str(tmp_path / "untied.safetensors")])
     model = load_exported(tmp_path / "untied.safetensors")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_python
+
 from dist_gpt.config import check_runtime, load_config, preset_names
 from dist_gpt.errors import UserError
 
@@ -116,7 +116,9 @@ def test_each_entry_point_prints_its_config_and_says_how(command, capsys, monkey
     import sys
 
     from conftest import REPO
-    from dist_gpt import autotune_batch, prepare
+
+    from dist_gpt import autotune_batch
+    from dist_gpt.tools import prepare
 
     argv = ["--config", "bible-tiny", "train.max_steps=7"] if command != "prepare" else ["--config", "bible-tiny", "--dataset", "books/*.txt"]
     run = {

@@ -264,7 +264,7 @@ def test_read_meta_missing_says_what_to_run(tmp_path):
 
 
 def test_prepare_entry_point_reads_config_and_flags(tmp_path, capsys):
-    from dist_gpt.prepare import main
+    from dist_gpt.tools.prepare import main
 
     write_txt(tmp_path / "txt")
     config = tmp_path / "c.yaml"

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_MODEL, assert_transformers_computes, losses_by_step, subprocess_env
-from dist_gpt.checkpoint import Checkpointer, consolidated_state_dict
+
+from dist_gpt.checkpoint.checkpointer import Checkpointer
+from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV
 
 TIMEOUT_S = 240
@@ -122,7 +123,7 @@ def test_zero3_export_equals_consolidated_weights_and_samples(runs, tmp_path):
 
 def test_zero3_exports_to_transformers_from_the_command_line(runs, tmp_path):
     pytest.importorskip("transformers")
-    from dist_gpt.checkpoint import load_model
+    from dist_gpt.interop import load_model
 
     ok(subprocess.run([sys.executable, "-m", "dist_gpt.export", str(runs("zero3")), "--hf", str(tmp_path / "hf")],
                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120))  # fmt: skip
@@ -130,7 +131,7 @@ def test_zero3_exports_to_transformers_from_the_command_line(runs, tmp_path):
 
 
 def test_consolidated_weights_load_into_gpt(runs):
-    from dist_gpt.checkpoint import load_model
+    from dist_gpt.interop import load_model
 
     model = load_model(runs("zero3"))
     assert model.lm_head.weight is model.wte.weight  # the tie survives consolidation
@@ -140,9 +141,9 @@ def test_stage0_across_world_sizes_is_one_user_error_that_says_how(tmp_path):
     from types import SimpleNamespace
 
     from dist_gpt.config import Config
-    from dist_gpt.distributed import DistEnv
     from dist_gpt.errors import UserError
     from dist_gpt.parallel.deepspeed import DeepSpeedStrategy
+    from dist_gpt.runtime.distributed import DistEnv
 
     strategy = DeepSpeedStrategy(Config(), DistEnv(world_size=1))
     strategy.engine = SimpleNamespace(zero_optimization_stage=lambda: 0)

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import run_python
 
 CHECKS = ["python", "torch", "cpu", "cpu attention kernels", "cpu matmul", "training (defaults)", "checkpoint save + resume", "all-reduce"]

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, Proc, assert_consistent, assert_one_line_error, ckpt_root, latest_name, launch_args, losses_by_step, step_dirs, subprocess_env, tiny_overrides, tmp_dirs, train_cli
 
-from conftest import REPO, Proc, assert_consistent, assert_one_line_error, ckpt_root, latest_name, launch_args, losses_by_step
-from conftest import step_dirs, subprocess_env, tiny_overrides, tmp_dirs, train_cli
-from dist_gpt.checkpoint import consolidated_state_dict
+from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 from dist_gpt.config import load_config
 from dist_gpt.errors import UserError
-from dist_gpt.trainer import train
+from dist_gpt.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -251,13 +250,13 @@ def test_full_disk_with_async_saves_on_two_ranks(tiny_data, small_disk):
     [("3h30m", 12600), ("90m", 5400), (90, 5400), ("1.5", 90), ("45s", 45), ("1d2h", 93600), ("2:30:00", 9000), ("1-00:00:00", 86400), ("", None), (0, None)],
 )
 def test_time_limit_parsing(value, seconds):
-    from dist_gpt.time_budget import parse_time_limit
+    from dist_gpt.config import parse_time_limit
 
     assert parse_time_limit(value) == seconds
 
 
 def test_time_limit_in_config_and_environment(monkeypatch):
-    from dist_gpt.time_budget import ENV_VAR, effective_time_limit
+    from dist_gpt.train.time_budget import ENV_VAR, effective_time_limit
 
     assert load_config("bible-tiny", ["train.time_limit=2:30:00"]).train.time_limit == "2:30:00"  # not YAML's base-60 9000
     with pytest.raises(UserError, match="train.time_limit='3 hours' is not a duration"):
@@ -271,7 +270,7 @@ def test_time_limit_in_config_and_environment(monkeypatch):
 
 
 def test_time_budget_leaves_room_for_a_step_an_eval_and_a_save():
-    from dist_gpt.time_budget import EXIT_SECONDS, TimeBudget
+    from dist_gpt.train.time_budget import EXIT_SECONDS, TimeBudget
 
     budget = TimeBudget(100.0, "train.time_limit=100s", state_bytes=0, eval_in_steps=2.0)
     budget.started = time.time() - 80  # 20 s left
@@ -284,8 +283,8 @@ def test_time_budget_leaves_room_for_a_step_an_eval_and_a_save():
 
 
 def test_strict_json_and_the_lock_refusal(tmp_path):
-    from dist_gpt.metrics import strict_json
-    from dist_gpt.run_lock import RunLock
+    from dist_gpt.runtime.metrics import strict_json
+    from dist_gpt.train.run_lock import RunLock
 
     record = {"loss": math.nan, "grad_norm": math.inf, "summary": {"mfu": -math.inf, "steps": [1.0, math.nan]}, "step": 3}
     assert json.dumps(strict_json(record), allow_nan=False) == '{"loss": null, "grad_norm": null, "summary": {"mfu": null, "steps": [1.0, null]}, "step": 3}'
@@ -303,10 +302,10 @@ def test_non_finite_weights_are_never_written(tiny_data, tmp_path, capsys):
     """The publish-time check behind the skip guard: weights that are not finite are not saved, whatever asks."""
     import torch
 
-    from dist_gpt.build import build
-    from dist_gpt.checkpoint import Checkpointer
-    from dist_gpt.distributed import DistEnv
+    from dist_gpt.checkpoint.checkpointer import Checkpointer
+    from dist_gpt.engine.build import build
     from dist_gpt.parallel import BatchShape
+    from dist_gpt.runtime.distributed import DistEnv
 
     config = load_config("bible-tiny", tiny_overrides(tiny_data, tmp_path, "run"))
     env = DistEnv()

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_gpt.fused_loss import linear_cross_entropy, plain_linear_cross_entropy
 from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.runtime import keep_freed_memory, malloc_env, page_faults
+from dist_gpt.runtime.malloc import keep_freed_memory, malloc_env, page_faults
 
 V, TARGET_VOCAB = 97, 90  # a padded vocabulary in miniature: rows 90..96 exist but are never targets
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -215,7 +215,7 @@ def test_training_chunked_matches_plain():
 
 def test_keep_freed_memory_returns_bool(monkeypatch):
     # In a child process: the setting is process-wide and would follow every later test here.
-    code = "from dist_gpt.runtime import keep_freed_memory; print(keep_freed_memory())"
+    code = "from dist_gpt.runtime.malloc import keep_freed_memory; print(keep_freed_memory())"
     env = {k: v for k, v in os.environ.items() if k != "DIST_GPT_MALLOC"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("True" if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" else "False")

@@ -10,17 +10,17 @@ import stat
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_transformers_computes
 from safetensors import safe_open
 
-from conftest import assert_transformers_computes
 from dist_gpt import tokenizer
 from dist_gpt.config import load_config
+from dist_gpt.engine.build import build_model
 from dist_gpt.errors import UserError
-from dist_gpt.export import main as export_main
-from dist_gpt.hf_export import SIDECAR, export_hf, load_export, read_export
+from dist_gpt.interop.hf_dir import SIDECAR, export_hf, load_export, read_export
+from dist_gpt.interop.openai_gpt2 import save_exported
 from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.pretrained import save_exported
-from dist_gpt.build import build_model
+from dist_gpt.tools.export import main as export_main
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

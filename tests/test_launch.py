@@ -1,4 +1,4 @@
-"""Errors and interrupts under the launchers look like what they are (dist_gpt/launcher.py says why torchrun
+"""Errors and interrupts under the launchers look like what they are (dist_gpt/runtime/launcher.py says why torchrun
 itself cannot): with `python launch/train.py --nproc_per_node=N` a mistake ends with our one line and its exit
 code, Ctrl-C with "checkpoint saved; the same command resumes" and 130, no traceback anywhere. Under the
 `torchrun` and `deepspeed` commands our line is there and the exit code says failure; torchrun's report names
@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, Proc, subprocess_env, tiny_overrides
-from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV
 from test_readme import readme_commands
+
+from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV
 
 TIMEOUT_S = 180
 MISTAKE = ["--config", "bible-tiny", "train.maxsteps=3"]

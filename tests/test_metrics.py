@@ -4,7 +4,7 @@ train.peak_tflops, and never below what a run achieves, so MFU never reads above
 import pytest
 import torch
 
-from dist_gpt import metrics
+from dist_gpt.runtime import metrics
 
 
 @pytest.fixture

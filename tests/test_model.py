@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from dist_gpt.model import GPT2_VOCAB_SIZE, GPT, GPTConfig, RotaryEmbedding, preset
-
+from dist_gpt.model import GPT, GPT2_VOCAB_SIZE, GPTConfig, RotaryEmbedding, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,8 +100,9 @@ def test_generate_runs_past_block_size():
 def test_sample_prints_each_token_as_it_is_generated(tmp_path, monkeypatch):
     """`python -m dist_gpt.sample` streams: the text grows flush by flush, and in the end it is what generate()
     makes with the same seed (a token that ends inside a UTF-8 character is held back, never garbled)."""
-    from dist_gpt import sample, tokenizer
-    from dist_gpt.pretrained import save_exported
+    from dist_gpt import tokenizer
+    from dist_gpt.interop.openai_gpt2 import save_exported
+    from dist_gpt.tools import sample
 
     model = tiny_model()
     save_exported(model, tmp_path / "tiny.safetensors")

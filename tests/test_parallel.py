@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_MODEL, assert_transformers_computes, read_jsonl, subprocess_env
+
 from dist_gpt.config import load_config
-from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.parallel import build_strategy, resolve_strategy_name
 from dist_gpt.parallel.base import apply_activation_checkpointing
 from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV, load_ds_config, resolve_ds_config
+from dist_gpt.runtime.distributed import DistEnv
 
 TIMEOUT_S = 300  # per launch; a healthy one takes 10-40 s on 2 busy cores
 STEPS = 10
@@ -157,8 +157,8 @@ def test_checkpoint_exports_to_transformers(launch, name, tmp_path):
     """Each strategy's checkpoint, consolidated, as a transformers directory that computes the same logits
     (the export's details: test_hf_export.py; ZeRO-3 and the command line: test_deepspeed_checkpoint.py)."""
     pytest.importorskip("transformers")
-    from dist_gpt.checkpoint import load_model
-    from dist_gpt.hf_export import export_hf
+    from dist_gpt.interop import load_model
+    from dist_gpt.interop.hf_dir import export_hf
 
     launch(name).check_ok()
     model = load_model(launch.out_dir / name)

@@ -11,9 +11,9 @@ import shlex
 import statistics
 
 import pytest
-
 from conftest import REPO, run_python, subprocess_env
-from dist_gpt import memory, plan
+
+from dist_gpt.autotune import memory, plan
 from dist_gpt.config import load_config
 
 

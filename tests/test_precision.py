@@ -15,20 +15,20 @@ import warnings
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import REPO, needs_cuda, read_jsonl, subprocess_env
-from dist_gpt.build import compile_blocks, make_optimizer_factory, wants_compile
-from dist_gpt.checkpoint import Checkpointer
+
+from dist_gpt.checkpoint.checkpointer import Checkpointer
 from dist_gpt.config import from_dict, load_config
 from dist_gpt.data.synthetic import synthetic_tokens, write_synthetic_dataset
-from dist_gpt.distributed import DistEnv, init_distributed
+from dist_gpt.engine.build import compile_blocks, make_optimizer_factory, wants_compile
+from dist_gpt.engine.step import FP16_OVERFLOW, NON_FINITE, accumulate_gradients, apply_update, train_step
+from dist_gpt.engine.step_guard import DivergenceGuard
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
 from dist_gpt.parallel import BatchShape, build_strategy
 from dist_gpt.parallel.deepspeed import DeepSpeedStrategy, load_ds_config, resolve_ds_config
-from dist_gpt.precision import MIN_LOSS_SCALE, DeviceFacts, LossScaler, choose_dtype, dtype_notice
-from dist_gpt.step import FP16_OVERFLOW, NON_FINITE, accumulate_gradients, apply_update, train_step
-from dist_gpt.step_guard import DivergenceGuard
+from dist_gpt.runtime.distributed import DistEnv, init_distributed
+from dist_gpt.runtime.precision import MIN_LOSS_SCALE, DeviceFacts, LossScaler, choose_dtype, dtype_notice
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, tokenizer_vocab_size=256)
 FP16_LOSS_REL_TOL = 5e-4  # fp16 vs fp32 over 8 steps of this model: measured 3e-5 (bf16: 1e-4)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_gpt.errors import UserError
-from dist_gpt.model import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPT, GPTConfig
-from dist_gpt.pretrained import hf_state_dict_to_ours, is_gpt2_name, load_exported, load_hf_gpt2, save_exported
+from dist_gpt.interop.openai_gpt2 import hf_state_dict_to_ours, is_gpt2_name, load_exported, load_hf_gpt2, save_exported
+from dist_gpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,7 +108,7 @@ def test_untied_head_starts_as_a_copy_of_wte(hf_model, safetensors_dir):
 
 
 def test_rope_loads_everything_but_wpe(hf_model, safetensors_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="dist_gpt.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="dist_gpt.interop.openai_gpt2"):
         model = load_hf_gpt2(safetensors_dir, position="rope")
     assert len(caplog.records) == 1 and "relearned" in caplog.records[0].getMessage()
     assert model.wpe is None

@@ -11,7 +11,6 @@ import shlex
 import sys
 
 import pytest
-
 from conftest import REPO, TINY_MODEL
 
 # README command -> the arguments that make it short. They run in README order: each may use what the last made.

@@ -4,11 +4,11 @@ samples, both position modes train, and the launchers (python, torchrun) start i
 from __future__ import annotations
 
 import pytest
-
 from conftest import losses_by_step, read_jsonl, run_python, tiny_overrides
+
 from dist_gpt.config import load_config
 from dist_gpt.errors import UserError
-from dist_gpt.trainer import train
+from dist_gpt.train.loop import train
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
@@ -85,7 +85,7 @@ def test_fine_tune_from_a_local_hugging_face_gpt2(tiny_data, tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from dist_gpt.checkpoint import consolidated_state_dict
+    from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))

@@ -5,9 +5,9 @@
     torchrun --nproc_per_node=8 -m dist_gpt.autotune_batch --config gpt2-124m-owt --strategy fsdp
 
 and `train.micro_batch_size: auto` in a training config (launch/train.py calls `autotune_for_training` before
-the trainer starts: dist_gpt.run).
+the trainer starts: dist_gpt.train.run).
 
-How it decides. The memory model (dist_gpt.memory) predicts a starting size; from there a search runs *real*
+How it decides. The memory model (dist_gpt.autotune.memory) predicts a starting size; from there a search runs *real*
 training steps (forward, backward, AdamW step; `TRIAL_STEPS` of them, the real model and strategy on the
 real device, random tokens) at candidate sizes, doubling while they fit and then narrowing the bracket
 (interpolating on the measured peaks, bisecting when that stalls). A size fits iff no rank ran out of memory
@@ -15,7 +15,7 @@ and the highest rank's measured peak is at most budget x (1 - headroom). The pea
 - CUDA: torch.cuda.max_memory_allocated of the trial (reset before it) + the process's fixed overhead (CUDA
   context and other processes on the card: total - free - reserved, measured before the trials); a budget
   below the card is enforced with set_per_process_memory_fraction, so it runs out where a card of that size would;
-- CPU: the trial process's peak resident set (VmHWM; the malloc tuning of dist_gpt.runtime applied, as in
+- CPU: the trial process's peak resident set (VmHWM; the malloc tuning of dist_gpt.runtime.malloc applied, as in
   training). Peaks cannot be reset in a process, so every CPU trial runs in a fresh subprocess. CPU has no
   out-of-memory of its own (the kernel would swap or kill), so the limit alone decides; as safety nets a
   trial whose predicted peak exceeds the RAM left is not run, and a trial's heap is capped (RLIMIT_DATA,
@@ -29,7 +29,7 @@ process's transient use, fragmentation) and would otherwise make the tuner settl
 second one is real. Once one has repeated, the card is known to run out below the limit (the caching
 allocator's reserve exceeds what is allocated), and later OOMs in the search are taken at their word.
 A peak over the limit without OOM is not retried: it repeats to within a few percent (on CPU, see
-dist_gpt.memory on the heap; rare outliers reach +5-15%), which the headroom absorbs.
+dist_gpt.autotune.memory on the heap; rare outliers reach +5-15%), which the headroom absorbs.
 
 Several ranks (torchrun): every rank runs every trial, each in its own subprocess joined in a process group
 of its own, so a rank that runs out mid-collective can never leave the training process group out of step;
@@ -43,7 +43,7 @@ micro-batch must divide global batch / world; the largest fitting one that does 
 checkpointing, when that lets a larger size fit) and takes the fastest.
 
 The package, a file per job: search.py (the search and the choice, pure), measure.py (one trial's steps, in
-this process, through dist_gpt.build and dist_gpt.step), trials.py (running trials: in process or one
+this process, through dist_gpt.engine.build and dist_gpt.engine.step), trials.py (running trials: in process or one
 subprocess each, trial_process.py being the subprocess's side), budget.py (the budget and the memory model
 for this run), cache.py, report.py, tuner.py (the whole tuning), __main__.py (the command line).
 

@@ -1,4 +1,4 @@
-"""How much memory a rank may fill, and the memory model (dist_gpt.memory) set up for this run."""
+"""How much memory a rank may fill, and the memory model (dist_gpt.autotune.memory) set up for this run."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dist_gpt import memory
+from dist_gpt.autotune import memory
 from dist_gpt.autotune.measure import resident_bytes
+from dist_gpt.autotune.memory import GB, MB
 from dist_gpt.autotune.search import Search
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
-from dist_gpt.memory import GB, MB
-from dist_gpt.precision import dtype_name
+from dist_gpt.runtime.distributed import DistEnv
+from dist_gpt.runtime.precision import dtype_name
 
 if TYPE_CHECKING:
     from dist_gpt.autotune.trials import TrialRunner
@@ -84,7 +84,7 @@ def ds_global_batch(config: Config, strategy_name: str) -> int:
 
 
 class RunMemoryModel:
-    """dist_gpt.memory set up for this run: its shape, strategy, world, dtype and device, and the overhead
+    """dist_gpt.autotune.memory set up for this run: its shape, strategy, world, dtype and device, and the overhead
     the trials measured (CUDA context, idle CPU process) once they have."""
 
     def __init__(self, config: Config, env: DistEnv, strategy_name: str, runner: TrialRunner):

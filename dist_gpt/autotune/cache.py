@@ -13,7 +13,7 @@ import torch
 from dist_gpt.autotune.budget import memory_strategy
 from dist_gpt.autotune.search import Outcome, TrialResult, Tried
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, broadcast_from_main
+from dist_gpt.runtime.distributed import DistEnv, broadcast_from_main
 
 
 def device_name(env: DistEnv) -> str:

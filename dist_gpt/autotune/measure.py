@@ -8,11 +8,11 @@ import time
 
 import torch
 
-from dist_gpt.build import build
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
+from dist_gpt.engine.build import build
+from dist_gpt.engine.step import train_step
 from dist_gpt.parallel import BatchShape
-from dist_gpt.step import train_step
+from dist_gpt.runtime.distributed import DistEnv
 
 TRIAL_STEPS = 3  # optimizer steps per trial: AdamW's moments appear in step 1, so step 2 is the steady state
 

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_gpt.autotune.memory import MB
 from dist_gpt.autotune.search import Outcome
-from dist_gpt.memory import MB
 
 
 @dataclass

@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from dist_gpt.autotune.memory import GB
 from dist_gpt.errors import UserError
-from dist_gpt.memory import GB
 
 MAX_TRIALS = 16  # per search; a good start needs 3-5
 NO_GLOBAL_BATCH_CAP = 1 << 16  # largest micro-batch tried when the global batch does not bound it

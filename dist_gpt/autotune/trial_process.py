@@ -12,20 +12,21 @@ from pathlib import Path
 
 import torch
 
-from dist_gpt import memory
 from dist_gpt.autotune.measure import cuda_overhead_bytes, resident_bytes, run_steps
 from dist_gpt.autotune.search import TrialResult
 from dist_gpt.autotune.trials import TRIAL_TIMEOUT_S
 from dist_gpt.config import from_dict
-from dist_gpt.distributed import DistEnv, pick_backend
-from dist_gpt.precision import DTYPES
+from dist_gpt.runtime.distributed import DistEnv, pick_backend
+from dist_gpt.runtime.metrics import peak_resident_bytes
+from dist_gpt.runtime.precision import DTYPES
+
 
 def main(spec_path: str) -> None:
     """Run the trial SPEC.json describes, write its result where the spec says, exit without waiting on peers."""
     spec = json.loads(Path(spec_path).read_text())
     device = torch.device(spec["device"])
     if device.type == "cpu":
-        from dist_gpt.runtime import keep_freed_memory
+        from dist_gpt.runtime.malloc import keep_freed_memory
 
         keep_freed_memory()  # as the trainer does on CPU: the heap behaves as it will in training
 
@@ -50,7 +51,7 @@ def main(spec_path: str) -> None:
     except Exception as e:  # a bug, not a size: reported, and the tuning stops
         result.failed, result.note = True, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not (result.oom or result.failed):
-        result.peak_bytes = torch.cuda.max_memory_allocated(device) + overhead if device.type == "cuda" else memory.peak_resident_bytes()
+        result.peak_bytes = torch.cuda.max_memory_allocated(device) + overhead if device.type == "cuda" else peak_resident_bytes()
     if store is not None and (result.oom or result.failed):
         store.add(f"{spec['store'][2]}/{'oom' if result.oom else 'failed'}", 1)  # the other ranks' tuners watch these
     Path(spec["result"]).write_text(json.dumps({"result": dataclasses.asdict(result), "overhead_bytes": overhead}))

@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 import torch
 
 from dist_gpt.autotune.measure import TRIAL_STEPS, cuda_overhead_bytes, run_steps, trial_config
+from dist_gpt.autotune.memory import GB, MB
 from dist_gpt.autotune.search import TrialResult
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, all_reduce_max, broadcast_from_main
-from dist_gpt.memory import GB, MB
-from dist_gpt.precision import dtype_name
+from dist_gpt.runtime.distributed import DistEnv, all_reduce_max, broadcast_from_main
+from dist_gpt.runtime.precision import dtype_name
 
 TRIAL_TIMEOUT_S = 900  # a trial that takes longer is killed (and the tuning stops with the reason)
 PEER_FAILURE_GRACE_S = 10  # after a peer's trial failed, how long ours may still finish on its own

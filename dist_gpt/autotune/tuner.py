@@ -6,17 +6,17 @@ import json
 import os
 from typing import Callable, Sequence
 
-from dist_gpt import memory
+from dist_gpt.autotune import memory
 from dist_gpt.autotune.budget import RunMemoryModel, default_budget_bytes, ds_global_batch, nothing_fits_message
 from dist_gpt.autotune.cache import cache_key, cache_path, device_name, outcome_from_json, outcome_to_json, read_cache
 from dist_gpt.autotune.measure import TRIAL_STEPS
+from dist_gpt.autotune.memory import GB, MB
 from dist_gpt.autotune.report import Report
 from dist_gpt.autotune.search import Search, TrialResult, tune
 from dist_gpt.autotune.trials import TrialRunner, max_over_ranks
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
-from dist_gpt.memory import GB, MB
+from dist_gpt.runtime.distributed import DistEnv
 
 
 def autotune(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dist_gpt.config import STRATEGIES, Config
-from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
 from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy
+from dist_gpt.runtime.distributed import DistEnv
 
 __all__ = ["BatchShape", "OptimizerFactory", "Strategy", "build_strategy", "check_strategy", "checkpoint_file_rank", "resolve_strategy_name", "strategy_class"]
 

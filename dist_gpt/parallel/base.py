@@ -20,8 +20,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.utils.checkpoint import checkpoint
 
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, pick_backend
-from dist_gpt.precision import HALF_DTYPES, MIN_LOSS_SCALE, LossScaler
+from dist_gpt.runtime.distributed import DistEnv, pick_backend
+from dist_gpt.runtime.precision import HALF_DTYPES, MIN_LOSS_SCALE, LossScaler
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -125,7 +125,7 @@ class Strategy(ABC):
 
     def memory_stats(self) -> dict[str, float]:
         """Peak memory of this process in MB (CUDA allocator peaks on GPU, resident set on CPU)."""
-        from dist_gpt.metrics import memory_stats
+        from dist_gpt.runtime.metrics import memory_stats
 
         return memory_stats(self.env.device)
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import json
 import logging
-import io
 import math
 import os
 import re
@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, broadcast_from_main
 from dist_gpt.errors import UserError
 from dist_gpt.parallel.base import BatchShape, OptimizerFactory, Strategy, ensure_process_group
-from dist_gpt.precision import MIN_LOSS_SCALE, dtype_name
+from dist_gpt.runtime.distributed import DistEnv, broadcast_from_main
+from dist_gpt.runtime.precision import MIN_LOSS_SCALE, dtype_name
 
 # ZeRO 1-3 call deprecated torch.distributed collectives hundreds of times per run; the warnings are DeepSpeed's
 # business, not the user's. Filtered here (this module is imported only for the deepspeed strategy).

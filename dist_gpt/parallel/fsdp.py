@@ -19,7 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from dist_gpt.errors import UserError
 from dist_gpt.parallel.base import ensure_process_group, transformer_blocks
 from dist_gpt.parallel.single import SingleDevice
-from dist_gpt.precision import HALF_DTYPES
+from dist_gpt.runtime.precision import HALF_DTYPES
 
 
 class FSDPStrategy(SingleDevice):

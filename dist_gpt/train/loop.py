@@ -7,24 +7,24 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from dist_gpt.build import build, seed_everything
-from dist_gpt.checkpoint import Checkpointer
+from dist_gpt.checkpoint.checkpointer import Checkpointer
 from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
 from dist_gpt.data.check import check_prepared_data
-from dist_gpt.distributed import DistEnv, all_reduce_mean, all_reduce_sum, destroy_distributed, init_distributed
+from dist_gpt.engine.build import build, seed_everything
+from dist_gpt.engine.schedule import CosineSchedule
+from dist_gpt.engine.step import train_step
+from dist_gpt.engine.step_guard import DivergenceGuard
 from dist_gpt.errors import UserError
-from dist_gpt.metrics import MetricsLogger, device_peak
-from dist_gpt.parallel import BatchShape, Strategy
-from dist_gpt.precision import dtype_name, dtype_notice
-from dist_gpt.run_lock import hold_run_dir
-from dist_gpt.schedule import CosineSchedule
-from dist_gpt.step import train_step
-from dist_gpt.step_guard import DivergenceGuard
-from dist_gpt.time_budget import TimeBudget, effective_time_limit
+from dist_gpt.eval.val_loss import evaluate
+from dist_gpt.parallel import BatchShape
+from dist_gpt.runtime.distributed import DistEnv, all_reduce_mean, destroy_distributed, init_distributed
+from dist_gpt.runtime.metrics import MetricsLogger, device_peak
+from dist_gpt.runtime.precision import dtype_name, dtype_notice
+from dist_gpt.train.run_lock import hold_run_dir
+from dist_gpt.train.time_budget import TimeBudget, effective_time_limit
 
 WARMUP_STEPS_EXCLUDED = 3  # first steps (allocator warm-up, compilation) are left out of the throughput summary
 
@@ -44,30 +44,10 @@ class TrainState:
         self.step, self.tokens_seen, self.wandb_run_id = int(state["step"]), int(state["tokens_seen"]), state.get("wandb_run_id")
 
 
-@torch.no_grad()
-def evaluate(strategy: Strategy, config: Config, env: DistEnv, micro_batch_size: int) -> float:
-    """Mean val loss over one fixed set of windows (eval_batches x micro_batch_size of them, a fixed seed), so
-    successive evals compare the model, not the sample, and any world size evaluates the same windows: rank r
-    takes windows r, r + world, r + 2 world, ... Every rank runs the same number of forwards (a sharded model
-    gathers inside forward), a rank with nothing left running a zero-weight one."""
-    loader = TokenLoader(config.data_dir / "val.bin", config.model.block_size, micro_batch_size, seed=config.train.seed + 1, device=env.device)
-    mine = np.arange(env.rank, config.train.eval_batches * micro_batch_size, env.world_size)
-    forwards = math.ceil(math.ceil(config.train.eval_batches * micro_batch_size / env.world_size) / micro_batch_size)
-    loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
-    windows = torch.zeros((), device=env.device, dtype=torch.float64)
-    for i in range(forwards):
-        numbers = mine[i * micro_batch_size : (i + 1) * micro_batch_size]
-        x, y = loader.windows(numbers if len(numbers) else np.zeros(1, np.int64))
-        loss = strategy.eval_loss(x, y).double()
-        loss_sum += loss * len(numbers)  # every window has block_size targets: weighting by windows is exact
-        windows += len(numbers)
-    return (all_reduce_sum(loss_sum) / all_reduce_sum(windows)).item()
-
-
 def train(config: Config, env: DistEnv | None = None, micro_batch_size: int | None = None) -> dict:
     """Run (or resume) a training run. Returns a summary: final losses, throughput, where the run lives.
 
-    micro_batch_size: the size to train with when train.micro_batch_size is `auto` (dist_gpt.run asks the
+    micro_batch_size: the size to train with when train.micro_batch_size is `auto` (dist_gpt.train.run asks the
     autotuner first). Without env, this joins the process group itself, goes through the door (enter_run)
     and leaves the group at the end; with env, the caller has done both."""
     if env is not None:
@@ -98,7 +78,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     meta = read_meta(config.data_dir)
     seed_everything(t.seed + env.rank)
     if env.device.type == "cpu":
-        from dist_gpt.runtime import keep_freed_memory
+        from dist_gpt.runtime.malloc import keep_freed_memory
 
         keep_freed_memory()  # big per-step buffers stay mapped instead of page-faulting every step
 
@@ -142,7 +122,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     already_complete = state.step >= t.max_steps
     if already_complete and env.is_main:
         print(f"this run is already complete at step {state.step} (train.max_steps={t.max_steps}): raise train.max_steps to train on, or start another run with train.run_name=NAME", flush=True)
-    if not already_complete:  # what this process trains, so a run directory describes itself (dist_gpt.compare reads it)
+    if not already_complete:  # what this process trains, so a run directory describes itself (dist_gpt.tools.compare reads it)
         metrics.log({"run_start": {"step": state.step, "params": built.params, "world_size": env.world_size, "config": config.to_dict()}})
     timed_tokens, timed_seconds, steps_this_process = 0, 0.0, 0
     train_loss = val_loss = None

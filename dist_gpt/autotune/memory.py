@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass, fields
 
 from dist_gpt.model import GPTConfig
+from dist_gpt.runtime.metrics import peak_resident_bytes
 
 MB = 2**20
 GB = 2**30
@@ -347,28 +348,12 @@ def largest_fitting(budget_bytes: float, gpt_config: GPTConfig, *args, limit: in
     return lo
 
 
-def peak_resident_bytes() -> int:
-    """This process's peak resident set: VmHWM, the high-water mark of its own address space. Not
-    getrusage's ru_maxrss: Linux carries the parent's resident set at fork time into the child's maxrss
-    across exec, so a child of a big process would read the parent's size."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; an upper bound
-
-
 @functools.lru_cache(maxsize=None)
 def idle_process_bytes() -> int:
     """Resident set of a fresh python that has imported torch and dist_gpt's training modules: what every
     CPU process pays before its first tensor. Measured once per process, in a child (our own resident set
     already holds whatever this process did)."""
-    code = "import dist_gpt.trainer, dist_gpt.memory as m; print(m.peak_resident_bytes())"
+    code = "import dist_gpt.train.loop, dist_gpt.runtime.metrics as m; print(m.peak_resident_bytes())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 

@@ -2,14 +2,14 @@
 (`train.micro_batch_size: auto` asks the autotuner), then hand the run to the trainer.
 
 The micro-batch is settled here, before anything is built, so the imports point one way: the autotuner and
-the trainer both build through dist_gpt.build, and neither imports the other."""
+the trainer both build through dist_gpt.engine.build, and neither imports the other."""
 
 from __future__ import annotations
 
-from dist_gpt import trainer
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, destroy_distributed, init_distributed
 from dist_gpt.parallel import check_strategy
+from dist_gpt.runtime.distributed import DistEnv, destroy_distributed, init_distributed
+from dist_gpt.train import loop as trainer
 
 
 def run_training(config: Config) -> dict:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_gpt.config import DTYPES as DTYPE_NAMES
 from dist_gpt.errors import UserError
 
 # The compute dtypes by the names configs and files use (train.dtype, the autotuner's trial spec, its cache).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 BF16_NATIVE_CAPABILITY = (8, 0)  # Ampere: the first generation with bf16 tensor cores
 # fp16 gradients that still overflow at this loss scale (or below: the scaler halves it on every overflow, from

@@ -9,47 +9,17 @@ resumes). The clock starts when the training process starts, so imports and star
 from __future__ import annotations
 
 import collections
-import math
 import os
-import re
 import time
 
 import psutil
 
-from dist_gpt.errors import UserError
+from dist_gpt.config import parse_time_limit
 
 ENV_VAR = "DIST_GPT_TIME_LIMIT"  # for job scripts: the scheduler's remaining time, e.g. SLURM's 1-02:00:00
 RECENT_STEPS = 20  # the window of step times: long enough to see a slow one, short enough to forget start-up
 ASSUMED_WRITE_BYTES_PER_S = 100e6  # until a save is measured: a slow network disk
 EXIT_SECONDS = 5.0  # after the last save: the summary, leaving the process group, the interpreter's exit
-
-_UNITS = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-_CLOCK = re.compile(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)")  # [D-][H:]M:S, as SLURM prints remaining time
-
-
-def parse_time_limit(value: str | float | int | None, source: str = "train.time_limit") -> float | None:
-    """Seconds from '3h30m', '90m', '45s', '1d2h', '2:30:00' ([D-][H:]M:S) or a number of minutes; None for
-    no limit ('', 0). A value that is none of these is a UserError naming `source`."""
-    if value is None or isinstance(value, bool):
-        return None
-    text = str(value).strip().lower().replace(" ", "")
-    if not text:
-        return None
-    try:
-        seconds = float(text) * 60
-    except ValueError:
-        units, clock = _UNITS.fullmatch(text), _CLOCK.fullmatch(text)
-        if units and any(units.groups()):
-            days, hours, minutes, secs = (float(g or 0) for g in units.groups())
-        elif clock:
-            days, hours, minutes, secs = (float(g or 0) for g in clock.groups())
-        else:
-            raise UserError(f"{source}={value!r} is not a duration: write e.g. 3h30m, 90m, 45s, 2:30:00, or a number of minutes") from None
-        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
-    if not math.isfinite(seconds) or seconds < 0:
-        raise UserError(f"{source}={value!r} must be a positive duration (0 or empty: no limit)")
-    return seconds or None
-
 
 def effective_time_limit(configured: str | float) -> tuple[float | None, str]:
     """(seconds, what set it): the earlier of train.time_limit and $DIST_GPT_TIME_LIMIT, both being deadlines."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist_gpt.precision import DeviceFacts, choose_dtype, enable_tf32
+from dist_gpt.runtime.precision import DeviceFacts, choose_dtype, enable_tf32
 
 
 @dataclass

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT, SHAPE_FIELDS
 from dist_gpt.parallel import BatchShape, OptimizerFactory, Strategy, build_strategy
+from dist_gpt.runtime.distributed import DistEnv
 
 # What an imported model must agree on with the config; vocab_size (the padding) and bias are the importer's.
 # rope_theta too: an export keeps its own, and checkpoints and exports of the run are rebuilt from the config.
@@ -61,7 +61,8 @@ def build_model(config: Config) -> GPT:
     )
     if source == "scratch":
         return GPT(config.model.gpt_config())
-    from dist_gpt import hf_export, pretrained
+    from dist_gpt.interop import hf_dir as hf_export
+    from dist_gpt.interop import openai_gpt2 as pretrained
 
     if source.endswith(".safetensors"):
         model = pretrained.load_exported(source, **overrides)

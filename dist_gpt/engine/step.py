@@ -46,7 +46,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's mean loss over the step's micro-batches, still on the device (no sync)
     grad_norm: float  # the global gradient norm before clipping, the same on every rank
     skipped: bool = False  # the optimizer did not apply this step's gradients
-    skip_reason: str | None = None  # why (NON_FINITE, ...): dist_gpt.step_guard counts only divergence
+    skip_reason: str | None = None  # why (NON_FINITE, ...): dist_gpt.engine.step_guard counts only divergence
 
 
 def accumulate_gradients(strategy: Strategy, next_batch: NextBatch, grad_accum: int) -> torch.Tensor:

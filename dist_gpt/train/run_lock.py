@@ -17,8 +17,8 @@ import socket
 import time
 from pathlib import Path
 
-from dist_gpt.distributed import broadcast_from_main
 from dist_gpt.errors import UserError
+from dist_gpt.runtime.distributed import broadcast_from_main
 
 LOCK_FILE = "run.lock"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from dist_gpt.precision import HALF_DTYPES, dtype_name
+from dist_gpt.runtime.precision import HALF_DTYPES, dtype_name
 
 # Dense 16-bit tensor-core peaks (FLOP/s; bf16 = fp16 where both exist, fp16 on T4 and V100) from the vendors' data
 # sheets, matched against the device name.
@@ -160,6 +160,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set: VmHWM, the high-water mark of its own address space. Not
+    getrusage's ru_maxrss: Linux carries the parent's resident set at fork time into the child's maxrss
+    across exec, so a child of a big process would read the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; an upper bound
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Memory in MB: the CUDA caching allocator's peaks on GPU; on CPU the resident set now and its peak."""
     if device.type == "cuda":
@@ -167,11 +183,10 @@ def memory_stats(device: torch.device) -> dict[str, float]:
             "mem_peak_alloc_mb": torch.cuda.max_memory_allocated(device) / 2**20,
             "mem_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
         }
-    from dist_gpt.memory import peak_resident_bytes  # VmHWM: ru_maxrss would report a launcher parent's size
 
     return {
         "mem_rss_mb": psutil.Process().memory_info().rss / 2**20,
-        "mem_peak_rss_mb": peak_resident_bytes() / 2**20,
+        "mem_peak_rss_mb": peak_resident_bytes() / 2**20,  # VmHWM: ru_maxrss would report a launcher parent's size
     }
 
 

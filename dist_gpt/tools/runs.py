@@ -112,7 +112,7 @@ def _finite(value) -> float | None:
 
 
 def _config_from_checkpoint(run_dir: Path) -> dict | None:
-    from dist_gpt.checkpoint import read_manifest, resolve_checkpoint_dir
+    from dist_gpt.checkpoint.manifest import read_manifest, resolve_checkpoint_dir
 
     try:
         return read_manifest(resolve_checkpoint_dir(run_dir))["config"]

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_gpt.errors import UserError
-from dist_gpt.model import GPT2_VOCAB_SIZE, GPT, SHAPE_FIELDS, GPTConfig, RotaryEmbedding, gpt_config_fields
+from dist_gpt.model import GPT, GPT2_VOCAB_SIZE, SHAPE_FIELDS, GPTConfig, RotaryEmbedding, gpt_config_fields
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ import re
 import shutil
 import time
 import warnings
-import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,84 +37,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 
+from dist_gpt.checkpoint.manifest import FORMAT, LATEST, MANIFEST, check_model_shape, file_crc32, read_manifest, resolve_checkpoint_dir, step_dir_name, verify_files
 from dist_gpt.config import Config
-from dist_gpt.distributed import DistEnv, all_reduce_max
 from dist_gpt.errors import UserError
-from dist_gpt.model import SHAPE_FIELDS
-from dist_gpt.parallel import checkpoint_file_rank, strategy_class
-from dist_gpt.safe_write import attempt_write, describe_write_error, write_atomically
-from dist_gpt.stop_signals import StopRequest, catch_stop_signals
+from dist_gpt.parallel import checkpoint_file_rank
+from dist_gpt.runtime.distributed import DistEnv, all_reduce_max
+from dist_gpt.runtime.safe_write import attempt_write, describe_write_error, write_atomically
+from dist_gpt.runtime.stop_signals import StopRequest, catch_stop_signals
 
-FORMAT = "dist_gpt-checkpoint/1"
-MANIFEST = "manifest.json"
-LATEST = "latest"
 # DCP warns on every single-process save/load that it assumes a single process, which is what we mean.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 RNG_FILE = re.compile(r"rng_rank(\d+)\.pt$")  # one per rank, ours; the strategy's files are named by it
-
-
-# ------------------------------------------------------------------------------------------ finding
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A run dir, its checkpoints/ dir (-> the latest), or one step_N dir, to a complete checkpoint dir."""
-    path = Path(path)
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / MANIFEST).is_file():
-            return candidate
-        if (candidate / LATEST).is_file():
-            return candidate / (candidate / LATEST).read_text().strip()
-    if path.is_dir() and path.name.startswith("step_"):
-        raise UserError(f"checkpoint {path} has no {MANIFEST}: it was never completed; resume from another step_* directory")
-    raise UserError(f"no checkpoint at {path}: give a run directory, its checkpoints/ directory, or a step_* directory")
-
-
-def read_manifest(ckpt_dir: Path) -> dict:
-    manifest_path = ckpt_dir / MANIFEST
-    if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint {ckpt_dir} does not exist (renamed or deleted?); resume from another step_* directory")
-    if not manifest_path.is_file():
-        raise UserError(f"checkpoint {ckpt_dir} has no {MANIFEST}: it was never completed; resume from another step_* directory")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"checkpoint {ckpt_dir}: {MANIFEST} is corrupt; resume from another step_* directory") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"checkpoint {ckpt_dir} is not a dist_gpt checkpoint ({MANIFEST} format {manifest.get('format')!r}, expected {FORMAT!r})")
-    return manifest
-
-
-def verify_files(ckpt_dir: Path, manifest: dict) -> None:
-    """Every file the manifest lists is there with its size and CRC32: catches truncated or corrupt shards."""
-    for name, (size, crc) in manifest["files"].items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            raise UserError(f"checkpoint {ckpt_dir} is missing {name}; resume from another step_* directory")
-        if path.stat().st_size != size:
-            raise UserError(f"checkpoint {ckpt_dir}: {name} is {path.stat().st_size} bytes, expected {size} (truncated?); resume from another step_* directory")
-        if file_crc32(path) != crc:
-            raise UserError(f"checkpoint {ckpt_dir}: {name} fails its checksum (corrupt); resume from another step_* directory")
-
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def check_model_shape(ckpt_dir: Path, manifest: dict, config: Config) -> None:
-    """The checkpoint's model must agree with the run's on the shape fields (others, e.g. dropout, may change)."""
-    saved = {"tie_embeddings": True, **manifest["config"]["model"]}  # checkpoints from before the key were tied
-    fields = SHAPE_FIELDS + (("block_size",) if config.model.position == "learned" else ())  # the wpe table's rows
-    diffs = [f"{k}={saved.get(k)!r} (this run: {getattr(config.model, k)!r})" for k in fields if saved.get(k) != getattr(config.model, k)]
-    if diffs:
-        raise UserError(f"checkpoint {ckpt_dir} is of another model: {', '.join(diffs)}; use a matching config, or a new train.run_name / checkpoint.resume=never")
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -397,33 +329,3 @@ class PendingSave:
     parts: dict = field(default_factory=dict)
     error: str | None = None  # why this rank could not write its part
     checksums: Future | None = None  # async: this rank's checksums, once its files are written
-
-
-# ------------------------------------------------------------------------------------------ consolidation
-
-
-def consolidated_state_dict(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The full (unsharded) model weights of any checkpoint, in one process, with its run config: the
-    strategy that saved it consolidates its own files (any world size)."""
-    from dist_gpt.config import from_dict
-
-    ckpt_dir = resolve_checkpoint_dir(path)
-    manifest = read_manifest(ckpt_dir)
-    verify_files(ckpt_dir, manifest)
-    config = from_dict(manifest["config"])
-    return config, strategy_class(manifest["strategy"]).consolidated_model_state(ckpt_dir, config)
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu"):
-    """A GPT ready for inference from a checkpoint (run dir, checkpoints dir, step dir) or an export (.safetensors)."""
-    from dist_gpt.model import GPT
-
-    if str(path).endswith(".safetensors"):
-        from dist_gpt.pretrained import load_exported
-
-        model = load_exported(path)
-    else:
-        config, state = consolidated_state_dict(path)
-        model = GPT(config.model.gpt_config())
-        model.load_state_dict(state)
-    return model.to(device).eval()

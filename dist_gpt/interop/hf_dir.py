@@ -41,8 +41,8 @@ from safetensors.torch import save_file
 
 from dist_gpt import tokenizer
 from dist_gpt.errors import UserError
+from dist_gpt.interop.openai_gpt2 import TANH_GELUS, build_checked, read_hf_config, read_hf_weights, readable_by_all
 from dist_gpt.model import GPT, GPTConfig, gpt_config_fields
-from dist_gpt.pretrained import TANH_GELUS, build_checked, read_hf_config, read_hf_weights, readable_by_all
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "dist_gpt.safetensors"  # what transformers has no place for: the padding rows and our config

@@ -1,4 +1,4 @@
-"""When skipped steps mean the run has diverged: `max_consecutive` non-finite steps in a row (see dist_gpt.step
+"""When skipped steps mean the run has diverged: `max_consecutive` non-finite steps in a row (see dist_gpt.engine.step
 for how a step is skipped, on every rank alike).
 
 A skipped step still counts as a step: its batch is consumed and the learning-rate schedule moves on, so step
@@ -8,7 +8,7 @@ more), at the price of one lost update per skip.
 
 from __future__ import annotations
 
-from dist_gpt.step import NON_FINITE, StepResult
+from dist_gpt.engine.step import NON_FINITE, StepResult
 
 
 class DivergenceGuard:

@@ -1,0 +1,23 @@
+"""The full model weights of any checkpoint in one process: the strategy that saved it consolidates its files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dist_gpt.checkpoint.manifest import read_manifest, resolve_checkpoint_dir, verify_files
+from dist_gpt.config import Config
+from dist_gpt.parallel import strategy_class
+
+
+def consolidated_state_dict(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The full (unsharded) model weights of any checkpoint, in one process, with its run config: the
+    strategy that saved it consolidates its own files (any world size)."""
+    from dist_gpt.config import from_dict
+
+    ckpt_dir = resolve_checkpoint_dir(path)
+    manifest = read_manifest(ckpt_dir)
+    verify_files(ckpt_dir, manifest)
+    config = from_dict(manifest["config"])
+    return config, strategy_class(manifest["strategy"]).consolidated_model_state(ckpt_dir, config)
