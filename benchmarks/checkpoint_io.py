@@ -133,9 +133,9 @@ def bench_async(model_name: str, root: Path, repeats: int) -> list[dict]:
                 ckpt.save(s)
                 blocked.append(time.perf_counter() - start)
                 longest_poll = 0.0
-                while ckpt.pending is not None:  # the loop's once-per-step poll(), publishing when written
+                while ckpt.pending is not None:  # the loop's once-per-step agreement, publishing when written
                     t = time.perf_counter()
-                    ckpt.poll()
+                    ckpt.agree_on_step(s)
                     longest_poll = max(longest_poll, time.perf_counter() - t)
                     time.sleep(0.01)  # stands in for a training step
                 publish_stall.append(longest_poll)

@@ -109,3 +109,23 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         return all_reduce_sum(value) / dist.get_world_size()
     return value
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """For each flag, True on every rank if it is true on any rank: how ranks take the same branch. One
+    all-reduce for all the flags together (each is a host sync on the device of the backend)."""
+    return [bool(value) for value in all_reduce_max([float(flag) for flag in flags])]
+
+
+def gather_objects(mine) -> list:
+    """Every rank's `mine` (any picklable value), in rank order; [mine] on a world of one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

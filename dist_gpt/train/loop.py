@@ -171,12 +171,12 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                 if budget:
                     budget.record_eval(time.perf_counter() - eval_start)
                 metrics.log({"step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss}, console=f"step {state.step:6d} | val loss {val_loss:.4f}")
-            checkpointer.poll()
             if budget and state.step < t.max_steps:
                 next_eval = bool(t.eval_every and (state.step + 1) % t.eval_every == 0) or state.step + 1 == t.max_steps
                 checkpointer.stop.request(budget.stop_reason(next_eval, checkpointer.longest_save_seconds))
-            stop_reason = checkpointer.should_stop()
-            periodic = checkpointer.due(state.step) and not guard.consecutive  # amid skips: keep the older, healthier ones
+            decision = checkpointer.agree_on_step(state.step)  # one collective: stop? save? publish an async save?
+            stop_reason = decision.stop_reason
+            periodic = decision.save_due and not guard.consecutive  # amid skips: keep the older, healthier ones
             if periodic or state.step == t.max_steps or stop_reason:
                 checkpointer.save(state.step)
             if stop_reason:
