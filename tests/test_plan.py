@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, run_python, subprocess_env
 
 from dist_gpt.autotune import memory, plan
+from dist_gpt.tools import plan as plan_cli
 from dist_gpt.config import load_config
 
 
@@ -61,7 +62,7 @@ def test_gpt2_124m_on_eight_24gb_gpus():
     assert (gpus, config.parallel.strategy, config.train.micro_batch_size) == (8, "ddp", pick["micro_batch"])
     assert not config.parallel.activation_checkpointing and config.train.global_batch_size == 480
 
-    table = plan.render(plan.plan(plan.Request("gpt2-124m-owt", gpus=8, gpu_memory_gb=24))).splitlines()  # what the CLI prints without --json
+    table = plan_cli.render(plan.plan(plan.Request("gpt2-124m-owt", gpus=8, gpu_memory_gb=24))).splitlines()  # what the CLI prints without --json
     assert table[-1] == pick["command"] and f"recommended: ddp, micro-batch {pick['micro_batch']} x grad-accum {pick['grad_accum']}" in table
     assert sum(line.startswith(("ddp", "zero", "fsdp")) for line in table) == 16
 
@@ -87,7 +88,7 @@ def test_when_nothing_fits_it_says_what_would():
     that would; on 2 GB GPUs not even offload fits, and no GPU count helps, but a shorter block does."""
     request = plan.Request("gpt2-124m-owt", ("model.preset=gpt2-xl",), gpus=1, gpu_memory_gb=24, allow_offload=False)
     result = plan.plan(request)
-    text = plan.render(result)
+    text = plan_cli.render(result)
     assert result.recommended is None and "it does not fit" in text
     (more, more_command), (memory_line, _), (block_line, _) = result.alternatives
     n = int(more.split()[0])
@@ -107,7 +108,7 @@ def test_when_nothing_fits_it_says_what_would():
     assert tiny_gpu.recommended is None and tiny_gpu.alternatives[0][0].startswith("no number of GPUs")
     what, block_command = tiny_gpu.alternatives[2]
     size = int(what.split("model.block_size=")[1].split()[0])
-    assert f"model.block_size={size} " in block_command and plan.render(tiny_gpu).splitlines()[-1] == block_command
+    assert f"model.block_size={size} " in block_command and plan_cli.render(tiny_gpu).splitlines()[-1] == block_command
     shorter = dataclasses.replace(request, gpu_memory_gb=2, allow_offload=True)
     assert plan.plan(shorter.with_overrides(f"model.block_size={size}"), look_further=False).recommended
     assert not plan.plan(shorter.with_overrides(f"model.block_size={2 * size}"), look_further=False).recommended
@@ -138,7 +139,7 @@ def test_bad_input_is_one_line(capsys):
                           (["--gpu-memory-gb", "-24"], "error: --gpu-memory-gb -24 must be positive"),
                           (["--gpus", "eight"], "error: argument --gpus: invalid int value: 'eight'")):
         with pytest.raises(SystemExit) as exit_code:  # the same entry point, in this process
-            plan.main(args)
+            plan_cli.main(args)
         out, err = capsys.readouterr()
         assert exit_code.value.code == 2 and out == "" and err.startswith(message) and len(err.strip().splitlines()) == 1
 
