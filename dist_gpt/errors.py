@@ -67,3 +67,17 @@ def tell_torchrun(message: str) -> None:
                 json.dump({"message": message, "timestamp": int(time.time())}, f)
         except OSError:
             pass  # the report then says less; the message is on the screen already
+
+
+def read_json_file(path, missing: str, corrupt: str) -> dict:
+    """The JSON document in `path` (a file we wrote: meta.json, a manifest); UserError(missing) when there is
+    none, UserError(corrupt) when it does not parse (a crash mid-write on an old version, a hand edit)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(corrupt) from None

@@ -11,12 +11,11 @@ Loading here never unpickles: everything but tensors (step, data position, confi
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
 from dist_gpt.config import Config
-from dist_gpt.errors import UserError
+from dist_gpt.errors import UserError, read_json_file
 from dist_gpt.model import SHAPE_FIELDS
 
 FORMAT = "dist_gpt-checkpoint/1"
@@ -42,15 +41,13 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
-    manifest_path = ckpt_dir / MANIFEST
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint {ckpt_dir} does not exist (renamed or deleted?); resume from another step_* directory")
-    if not manifest_path.is_file():
-        raise UserError(f"checkpoint {ckpt_dir} has no {MANIFEST}: it was never completed; resume from another step_* directory")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"checkpoint {ckpt_dir}: {MANIFEST} is corrupt; resume from another step_* directory") from None
+    manifest = read_json_file(
+        ckpt_dir / MANIFEST,
+        missing=f"checkpoint {ckpt_dir} has no {MANIFEST}: it was never completed; resume from another step_* directory",
+        corrupt=f"checkpoint {ckpt_dir}: {MANIFEST} is corrupt; resume from another step_* directory",
+    )
     if manifest.get("format") != FORMAT:
         raise UserError(f"checkpoint {ckpt_dir} is not a dist_gpt checkpoint ({MANIFEST} format {manifest.get('format')!r}, expected {FORMAT!r})")
     return manifest

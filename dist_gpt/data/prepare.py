@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dist_gpt.data.sources import Source, open_source
-from dist_gpt.errors import UserError
+from dist_gpt.errors import UserError, read_json_file
 from dist_gpt.tokenizer import EOT_ID, encode_batch, gpt2_encoding
 
 META_FILE = "meta.json"
@@ -49,12 +49,11 @@ def read_meta(data_dir: str | Path) -> dict:
     """meta.json of a finished prepare; UserError (with the command to run) if there is none."""
     data_dir = Path(data_dir)
     path = data_dir / META_FILE
-    if not path.is_file():
-        raise UserError(f"no prepared data in {data_dir}: run python -m dist_gpt.prepare --dataset ... --out {data_dir}")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON: re-run python -m dist_gpt.prepare --out {data_dir} --force") from None
+    meta = read_json_file(
+        path,
+        missing=f"no prepared data in {data_dir}: run python -m dist_gpt.prepare --dataset ... --out {data_dir}",
+        corrupt=f"{path} is not valid JSON: re-run python -m dist_gpt.prepare --out {data_dir} --force",
+    )
     if meta.get("format") != FORMAT_VERSION:
         raise UserError(f"{path} has format {meta.get('format')}, this code reads {FORMAT_VERSION}: re-run python -m dist_gpt.prepare --out {data_dir} --force")
     return meta
