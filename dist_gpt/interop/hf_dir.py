@@ -41,7 +41,17 @@ from safetensors.torch import save_file
 
 from dist_gpt import tokenizer
 from dist_gpt.errors import UserError
-from dist_gpt.interop.shared import OUR_CONFIG_KEY, TANH_GELUS, build_checked, misfit, model_shapes, our_config_json, read_hf_config, read_hf_weights, readable_by_all
+from dist_gpt.interop.shared import (
+    OUR_CONFIG_KEY,
+    TANH_GELUS,
+    build_checked,
+    misfit,
+    model_shapes,
+    our_config_json,
+    read_hf_config,
+    read_hf_weights,
+    readable_by_all,
+)
 from dist_gpt.model import GPT, GPTConfig, gpt_config_fields
 
 WEIGHTS = "model.safetensors"

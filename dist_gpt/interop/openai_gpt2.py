@@ -23,7 +23,17 @@ from pathlib import Path
 import torch
 
 from dist_gpt.errors import UserError
-from dist_gpt.interop.shared import FIXED_FIELDS, TANH_GELUS, first_line, misfit, model_from_state_dict, model_shapes, read_hf_config, read_hf_weights, with_overrides
+from dist_gpt.interop.shared import (
+    FIXED_FIELDS,
+    TANH_GELUS,
+    first_line,
+    misfit,
+    model_from_state_dict,
+    model_shapes,
+    read_hf_config,
+    read_hf_weights,
+    with_overrides,
+)
 from dist_gpt.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 
 log = logging.getLogger(__name__)
