@@ -105,6 +105,9 @@ def test_a_source_of_no_format_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"nowhere: no such file or directory, and not a GPT-2 name .* give a run directory") as error:
         load_model(tmp_path / "nowhere")
     assert "\n" not in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: neither a checkpoint nor a directory with a config.json, and not a GPT-2 name"):
+        load_model(tmp_path / "empty")
     (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoint at"):  # a run that never saved: the checkpoint's own error
         load_model(tmp_path / "empty-run")

@@ -38,9 +38,11 @@ def load_model(source: str | os.PathLike, defaults: dict | None = None, **overri
         return checkpoint_dir.load_checkpoint(source, **overrides)
     if hf_dir.is_export(source):
         return hf_dir.load_export(source, **overrides)
-    if openai_gpt2.is_gpt2_name(source) or Path(source).expanduser().exists():
+    path = Path(source).expanduser()
+    if openai_gpt2.is_gpt2_name(source) or (path / "config.json").is_file():
         return openai_gpt2.load_hf_gpt2(source, **{"position": "learned", **(defaults or {}), **overrides})
+    found = "neither a checkpoint nor a directory with a config.json" if path.exists() else "no such file or directory"
     raise UserError(
-        f"{source}: no such file or directory, and not a GPT-2 name ({', '.join(openai_gpt2.GPT2_NAMES)}): give a run directory "
+        f"{source}: {found}, and not a GPT-2 name ({', '.join(openai_gpt2.GPT2_NAMES)}): give a run directory "
         "(or its checkpoints/ or a step_* directory), an exported .safetensors file, an `export --hf` directory or a Hugging Face GPT-2 directory"
     )
