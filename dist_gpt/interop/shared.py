@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dist_gpt.errors import UserError
+from dist_gpt.errors import UserError, read_json_file
 from dist_gpt.model import GPT, SHAPE_FIELDS, GPTConfig, RotaryEmbedding, gpt_config_fields
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation our MLP uses
@@ -29,12 +29,8 @@ FIXED_FIELDS = SHAPE_FIELDS + ("tokenizer_vocab_size",)
 
 def read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
-    if not path.is_file():
-        raise UserError(f"{directory}: no config.json: pass a Hugging Face directory (config.json + model.safetensors)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
+    missing = f"{directory}: no config.json: pass a Hugging Face directory (config.json + model.safetensors)"
+    config = read_json_file(path, missing=missing, corrupt=f"{path}: not readable JSON")
     if not isinstance(config, dict):
         raise UserError(f"{path}: not a JSON object")
     return config
