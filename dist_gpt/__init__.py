@@ -10,7 +10,7 @@ tests/test_layout.py holds this order):
     runtime/       process group, launcher, precision, metrics, safe writes, stop signals
     parallel/      one Strategy interface: single | ddp | fsdp | deepspeed
     checkpoint/    sharded saves, published atomically, resumed on any world size
-    interop/       OpenAI's GPT-2 in, our exports out (one .safetensors file, a transformers directory)
+    interop/       load_model: one reader a format (OpenAI's GPT-2, our two exports, our checkpoints); the writers
     engine/        the one build path and the one training step
     autotune/      the micro-batch autotuner, the memory model, the planner
     eval/          judging a model (validation loss)

@@ -33,7 +33,7 @@ STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides
 @dataclass
 class ModelSection(GPTConfig):
     preset: str = ""  # a name from dist_gpt.model.PRESETS; its shape is the base the other keys override
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 dir | an export (.safetensors, or an `export --hf` dir)
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 dir | an export (.safetensors, or an `export --hf` dir) | a run's checkpoint (run, checkpoints/ or step_N dir)
 
     def gpt_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})

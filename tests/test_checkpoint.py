@@ -327,7 +327,7 @@ def test_async_save_resumes_to_the_same_losses(tiny_data, tmp_path):
 
 
 def test_export_sample_and_finetune(trained, tiny_data, tmp_path, capsys):
-    from dist_gpt.interop.openai_gpt2 import load_exported
+    from dist_gpt.interop.export_file import load_exported
     from dist_gpt.tools import export, sample
 
     run_dir, _ = trained

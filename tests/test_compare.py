@@ -49,7 +49,7 @@ def test_untied_run_checkpoints_and_resumes_exactly(runs):
 
 
 def test_untied_run_exports_and_loads(runs, tmp_path):
-    from dist_gpt.interop.openai_gpt2 import load_exported
+    from dist_gpt.interop.export_file import load_exported
     from dist_gpt.tools.export import main as export
 
     export([str(runs / "untied"), "--out", str(tmp_path / "untied.safetensors")])

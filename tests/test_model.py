@@ -101,7 +101,7 @@ def test_sample_prints_each_token_as_it_is_generated(tmp_path, monkeypatch):
     """`python -m dist_gpt.sample` streams: the text grows flush by flush, and in the end it is what generate()
     makes with the same seed (a token that ends inside a UTF-8 character is held back, never garbled)."""
     from dist_gpt import tokenizer
-    from dist_gpt.interop.openai_gpt2 import save_exported
+    from dist_gpt.interop.export_file import save_exported
     from dist_gpt.tools import sample
 
     model = tiny_model()

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_gpt.errors import UserError
-from dist_gpt.interop.openai_gpt2 import hf_state_dict_to_ours, is_gpt2_name, load_exported, load_hf_gpt2, save_exported
+from dist_gpt.interop.export_file import load_exported, save_exported
+from dist_gpt.interop.openai_gpt2 import hf_state_dict_to_ours, is_gpt2_name, load_hf_gpt2
 from dist_gpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 
 transformers = pytest.importorskip("transformers")

@@ -49,8 +49,8 @@ def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
 
 
 def build_model(config: Config) -> GPT:
-    """From scratch, from OpenAI's GPT-2 weights (a hub name or local HF dir), or from one of our exports
-    (a .safetensors file, or a directory written by `export --hf`)."""
+    """From scratch, or model.init_from read by interop.load_model: OpenAI's GPT-2 weights (a hub name or local
+    HF dir), one of our exports (a .safetensors file, a directory written by `export --hf`) or a run's checkpoint."""
     source = config.model.init_from
     overrides = dict(
         dropout=config.model.dropout,
@@ -61,17 +61,12 @@ def build_model(config: Config) -> GPT:
     )
     if source == "scratch":
         return GPT(config.model.gpt_config())
-    from dist_gpt.interop import hf_dir as hf_export
-    from dist_gpt.interop import openai_gpt2 as pretrained
+    from dist_gpt.interop import load_model
 
-    if source.endswith(".safetensors"):
-        model = pretrained.load_exported(source, **overrides)
-    elif hf_export.is_export(source):
-        model = hf_export.load_export(source, **overrides)
-    else:
-        model = pretrained.load_hf_gpt2(
-            source, position=config.model.position, rope_theta=config.model.rope_theta, tie_embeddings=config.model.tie_embeddings, **overrides
-        )
+    # position, rope_theta and tie_embeddings: the config's for OpenAI's GPT-2, which does not say them; our
+    # formats record their own, which the check below holds to the config
+    defaults = dict(position=config.model.position, rope_theta=config.model.rope_theta, tie_embeddings=config.model.tie_embeddings)
+    model = load_model(source, defaults, **overrides)
     # The run's config must describe the model it trains: checkpoints, exports and FLOP counts are built from it.
     mismatched = [f"{k}={getattr(model.config, k)}" for k in INIT_FROM_FIELDS if getattr(model.config, k) != getattr(config.model, k)]
     if mismatched:

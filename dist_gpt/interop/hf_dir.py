@@ -41,12 +41,21 @@ from safetensors.torch import save_file
 
 from dist_gpt import tokenizer
 from dist_gpt.errors import UserError
-from dist_gpt.interop.openai_gpt2 import TANH_GELUS, build_checked, read_hf_config, read_hf_weights, readable_by_all
+from dist_gpt.interop.shared import (
+    OUR_CONFIG_KEY,
+    TANH_GELUS,
+    build_checked,
+    misfit,
+    model_shapes,
+    our_config_json,
+    read_hf_config,
+    read_hf_weights,
+    readable_by_all,
+)
 from dist_gpt.model import GPT, GPTConfig, gpt_config_fields
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "dist_gpt.safetensors"  # what transformers has no place for: the padding rows and our config
-CONFIG_KEY = "gpt_config"
 GELU = "gelu_pytorch_tanh"
 LAYER_NORM_EPS = 1e-5
 GPT2_CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
@@ -132,13 +141,12 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         if f"{module}.bias" not in ours:  # bias=false: a zero bias adds nothing
             weights.setdefault(hf_name(f"{module}.bias", config.position), torch.zeros(ours[f"{module}.weight"].shape[0]))
     padding = {name: ours[name][config.tokenizer_vocab_size :].contiguous() for name in ("wte.weight", "lm_head.weight") if name in ours}
-    our_config = {name: getattr(config, name) for name in gpt_config_fields()}
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
-    save_file(padding, tmp / SIDECAR, metadata={"format": "pt", CONFIG_KEY: json.dumps(our_config)})
+    save_file(padding, tmp / SIDECAR, metadata={"format": "pt", OUR_CONFIG_KEY: our_config_json(config)})
     write_json(tmp / "config.json", hf_config(config))
     write_json(tmp / "generation_config.json", generation_config(config))
     write_tokenizer(tmp, config.block_size)
@@ -246,14 +254,14 @@ def write_json(path: Path, data: dict) -> None:
 def is_export(source: str | os.PathLike) -> bool:
     """A directory export_hf wrote (or any GPT-NeoX one, which only that can be for us)."""
     directory = Path(source).expanduser()
-    if not directory.is_dir():
-        return False
-    return (directory / SIDECAR).is_file() or read_hf_config(directory).get("model_type") == "gpt_neox"
+    if (directory / SIDECAR).is_file():
+        return True
+    return (directory / "config.json").is_file() and read_hf_config(directory).get("model_type") == "gpt_neox"
 
 
 def load_export(directory: str | os.PathLike, **overrides) -> GPT:
     """The GPT a directory export_hf wrote holds, as exported (its position, theta, biases and padding rows),
-    on the CPU in fp32; overrides as for pretrained.build_checked."""
+    on the CPU in fp32; overrides as for shared.build_checked."""
     config, state_dict = read_export(directory)
     return build_checked(config, state_dict, overrides, source=directory)
 
@@ -272,15 +280,14 @@ def read_export(directory: str | os.PathLike) -> tuple[GPTConfig, dict[str, torc
     _, weights = read_hf_weights(directory)
     if config.position == "rope" and "lm_head.weight" in weights:
         weights["embed_out.weight"] = weights.pop("lm_head.weight")  # transformers 5's name for NeoX's output layer
-    with torch.device("meta"):
-        wanted = GPT(config).state_dict()
+    wanted = model_shapes(config)
     if is_tied(config):
         del wanted["lm_head.weight"]
     ours, problems = {}, []
     for name, like in wanted.items():
         tensor = weights.pop(hf_name(name, config.position), None)
         if tensor is None and name.endswith(".bias") and config.position == "rope" and ".attn." in name:
-            tensor = torch.zeros(like.shape)  # GPT-NeoX without attention_bias, imported with biases
+            tensor = torch.zeros(like)  # GPT-NeoX without attention_bias, imported with biases
         if tensor is None:
             problems.append(f"{hf_name(name, config.position)}: missing")
             continue
@@ -288,8 +295,8 @@ def read_export(directory: str | os.PathLike) -> tuple[GPTConfig, dict[str, torc
         if name in ("wte.weight", "lm_head.weight"):
             rows = padding.get(name, tensor.new_zeros(config.vocab_size - tensor.size(0), tensor.size(1)))
             tensor = torch.cat((tensor, rows))
-        if tensor.shape != like.shape:
-            problems.append(f"{hf_name(name, config.position)}: has {tuple(tensor.shape)}, expected {tuple(like.shape)}")
+        if tuple(tensor.shape) != like:
+            problems.append(f"{hf_name(name, config.position)}: has {tuple(tensor.shape)}, expected {like}")
         ours[name] = tensor
     for name, tensor in weights.items():  # what is left: the zero biases export_hf added, or a mismatch
         if name in {hf_name(f"{m}.bias", config.position) for m in biased_modules(config)} and not tensor.any():
@@ -299,8 +306,7 @@ def read_export(directory: str | os.PathLike) -> tuple[GPTConfig, dict[str, torc
         fix = f"; delete {SIDECAR} to import it with biases" if name.endswith(".bias") and not config.bias else ""
         problems.append(f"{name}: not in our GPT with bias={config.bias}{fix}" if name.endswith(".bias") else f"{name}: unexpected")
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UserError(f"{directory / WEIGHTS} does not fit a GPT with n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}: {'; '.join(problems[:3])}{more}")
+        raise UserError(misfit(str(directory / WEIGHTS), problems, config))
     return config, ours
 
 
@@ -314,7 +320,7 @@ def read_sidecar(directory: Path) -> tuple[GPTConfig | None, dict[str, torch.Ten
         return None, {}
     try:
         with safe_open(path, framework="pt") as f:
-            saved = json.loads((f.metadata() or {}).get(CONFIG_KEY, "null"))
+            saved = json.loads((f.metadata() or {}).get(OUR_CONFIG_KEY, "null"))
             padding = {name: f.get_tensor(name).float() for name in f.keys()}
         config = GPTConfig(**saved)
     except Exception as e:  # not safetensors, no or bad config: the fix is the same

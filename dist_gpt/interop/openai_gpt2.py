@@ -1,6 +1,6 @@
-"""Load pretrained weights into our GPT: Hugging Face GPT-2 checkpoints, and our own exported format.
+"""The reader of OpenAI's GPT-2 in Hugging Face's format: `load_hf_gpt2` -> our GPT.
 
-Hugging Face GPT-2 (`load_hf_gpt2`): a local directory holding `config.json` and `model.safetensors` (or
+The source (`load_hf_gpt2`): a local directory holding `config.json` and `model.safetensors` (or
 `pytorch_model.bin`), or one of the names gpt2, gpt2-medium, gpt2-large, gpt2-xl, fetched from the hub when
 there is internet. Our module names are HF's without the `transformer.` prefix; the differences are:
   - HF stores the attention and MLP matrices as Conv1D, shaped (in, out): we transpose them to nn.Linear's (out, in);
@@ -9,27 +9,32 @@ there is internet. Our module names are HF's without the `transformer.` prefix; 
     tie_embeddings=false our lm_head gets its own copy of wte: it starts as GPT-2's output layer and then
     trains apart from the input embedding).
 With position='rope' everything but the learned position table `wpe` is loaded, and positions are relearned.
-
-Our export (`save_exported` / `load_exported`): one .safetensors file with our state dict, and the GPTConfig as
-JSON in the file's metadata under "gpt_config", so the file alone rebuilds the model.
+No writer here: `export --hf` (hf_dir.py) writes a learned-position model in this very format (GPT2LMHeadModel).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from dist_gpt.errors import UserError
-from dist_gpt.model import GPT, GPT2_VOCAB_SIZE, SHAPE_FIELDS, GPTConfig, RotaryEmbedding, gpt_config_fields
+from dist_gpt.interop.shared import (
+    FIXED_FIELDS,
+    TANH_GELUS,
+    first_line,
+    misfit,
+    model_from_state_dict,
+    model_shapes,
+    read_hf_config,
+    read_hf_weights,
+    with_overrides,
+)
+from dist_gpt.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +42,10 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_ORG = "openai-community"  # where the hub keeps OpenAI's GPT-2 releases (the bare names redirect there)
 HF_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # the causal-mask buffers, not weights
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")  # HF GPT-2's Conv1D layers: weight stored (in, out)
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation our MLP uses
-EXPORT_CONFIG_KEY = "gpt_config"
-# What a checkpoint decides and an override may only repeat: the shapes, and which ids are real tokens.
-FIXED_FIELDS = SHAPE_FIELDS + ("tokenizer_vocab_size",)
 
 
 def is_gpt2_name(source: str | os.PathLike) -> bool:
     return str(source) in GPT2_NAMES
-
-
-# ----------------------------------------------------------------------------------------------- HF GPT-2
 
 
 def load_hf_gpt2(source: str | os.PathLike, position: str = "rope", **overrides) -> GPT:
@@ -64,7 +62,7 @@ def load_hf_gpt2(source: str | os.PathLike, position: str = "rope", **overrides)
         state_dict = hf_state_dict_to_ours(hf_state_dict, config)
     except UserError as e:
         raise UserError(f"{weights_path}: {e}") from None
-    model = _model_from_state_dict(config, state_dict)
+    model = model_from_state_dict(config, state_dict)
     if position == "rope":
         log.warning("%s: loaded with RoPE positions; its learned position table (wpe) is dropped, so positions are relearned by fine-tuning", source)
     return model
@@ -74,7 +72,7 @@ def hf_state_dict_to_ours(hf_state_dict: dict[str, torch.Tensor], config: GPTCon
     """Rename, transpose, pad and crop HF GPT-2 tensors into the state dict of GPT(config): lm_head is left
     out when tied to wte, and is a copy of wte when not. Raises one UserError listing every key that is
     missing, unexpected or of the wrong shape, with shapes as the checkpoint stores them."""
-    wanted = _model_shapes(config)
+    wanted = model_shapes(config)
     del wanted["lm_head.weight"]
     ours, seen, problems = {}, set(), []
     for hf_key, tensor in hf_state_dict.items():
@@ -94,7 +92,7 @@ def hf_state_dict_to_ours(hf_state_dict: dict[str, torch.Tensor], config: GPTCon
         ours[name] = converted
     problems += [f"{name}: missing from the checkpoint" for name in wanted if name not in seen]
     if problems:
-        raise UserError(_summarise(problems, config))
+        raise UserError(misfit("checkpoint", problems, config))
     if not config.tie_embeddings:
         ours["lm_head.weight"] = ours["wte.weight"].clone()  # GPT-2's output layer is its wte: start the untied head there
     return ours
@@ -140,7 +138,7 @@ def _config_from_hf(hf: dict, position: str, overrides: dict, directory: Path) -
     # vocab_size may differ: the padding of the embedding is ours to choose, not the checkpoint's; and so may
     # tie_embeddings: an untied head starts as a copy of the tied matrix.
     fixed = tuple(name for name in FIXED_FIELDS if name not in ("vocab_size", "tie_embeddings"))
-    config = _with_overrides(base, overrides, fixed=fixed, source=where)
+    config = with_overrides(base, overrides, fixed=fixed, source=where)
     if position == "learned" and config.block_size > shape["n_positions"]:
         raise UserError(f"block_size={config.block_size} exceeds the checkpoint's n_positions={shape['n_positions']}: learned positions stop there; use block_size <= {shape['n_positions']} or position='rope'")
     return config
@@ -187,155 +185,6 @@ def _download(name: str) -> Path:
         return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
     except Exception as e:  # no package, no network, offline mode, hub errors: all have the same fix
         raise UserError(
-            f"cannot fetch {name!r} from the Hugging Face hub ({_first_line(e)}): on a machine with internet run "
+            f"cannot fetch {name!r} from the Hugging Face hub ({first_line(e)}): on a machine with internet run "
             f"`hf download {repo} config.json model.safetensors --local-dir {name}`, copy that directory here and pass its path"
         ) from None
-
-
-def read_hf_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise UserError(f"{directory}: no config.json: pass a Hugging Face directory (config.json + model.safetensors)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return config
-
-
-def read_hf_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    for path in (directory / "model.safetensors", directory / "pytorch_model.bin"):
-        if not path.is_file():
-            continue
-        try:
-            if path.suffix == ".safetensors":
-                state_dict = load_file(path)
-            else:
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)  # never run a file's pickled code
-        except Exception as e:  # SafetensorError, UnpicklingError, ...: a damaged or foreign file
-            raise UserError(f"{path}: cannot read the weights ({_first_line(e)})") from None
-        if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
-            raise UserError(f"{path}: not a state dict of tensors")
-        return path, state_dict
-    raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin: the weights are missing")
-
-
-# ----------------------------------------------------------------------------------------------- our export
-
-
-def save_exported(model: GPT, path: str | os.PathLike) -> None:
-    """Write an unwrapped GPT (full tensors, not DDP/FSDP/DeepSpeed shards) to one .safetensors file.
-
-    A tied lm_head.weight is left out: it is wte.weight, and safetensors refuses tensors that share memory."""
-    tied = model.config.tie_embeddings
-    state_dict = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
-    config = {name: getattr(model.config, name) for name in gpt_config_fields()}  # GPTConfig's fields only, not a subclass's
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, path, metadata={"format": "pt", EXPORT_CONFIG_KEY: json.dumps(config)})
-    readable_by_all(path)
-
-
-def readable_by_all(path: Path) -> None:
-    """The permissions open() would give (0644 under the usual umask 022): safetensors writes its files 0600,
-    but an export is made to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def load_exported(path: str | os.PathLike, **overrides) -> GPT:
-    """The GPT saved by save_exported, on the CPU in fp32; overrides as for build_checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file: pass a .safetensors file written by the export")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            state_dict = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # SafetensorError on anything that is not a safetensors file
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    if EXPORT_CONFIG_KEY not in metadata:
-        raise UserError(f"{path}: no {EXPORT_CONFIG_KEY!r} in its metadata, so not a dist_gpt export (a Hugging Face GPT-2? pass its directory)")
-    try:
-        saved = GPTConfig(**json.loads(metadata[EXPORT_CONFIG_KEY]))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its {EXPORT_CONFIG_KEY!r} metadata is not a GPTConfig ({e})") from None
-    return build_checked(saved, state_dict, overrides, source=path)
-
-
-def build_checked(saved: GPTConfig, state_dict: dict[str, torch.Tensor], overrides: dict, source: str | os.PathLike) -> GPT:
-    """GPT(saved + overrides) holding state_dict (ours, without a tied lm_head), every tensor's shape checked.
-    overrides: GPTConfig fields that do not change shapes (dropout, attn_backend, loss, ...) and block_size:
-    any with RoPE, a smaller one with learned positions (the table is cropped)."""
-    config = _with_overrides(saved, overrides, fixed=FIXED_FIELDS, source=source)
-    if config.position == "learned" and "wpe.weight" in state_dict:  # RoPE tables are recomputed for any block_size
-        if config.block_size > saved.block_size:
-            raise UserError(f"block_size={config.block_size} exceeds the {saved.block_size} positions {source} learned: use block_size <= {saved.block_size}")
-        state_dict["wpe.weight"] = state_dict["wpe.weight"][: config.block_size]
-    wanted = _model_shapes(config)
-    if config.tie_embeddings:
-        del wanted["lm_head.weight"]
-    problems = [f"{name}: missing from the checkpoint" for name in wanted if name not in state_dict]
-    problems += [f"{name}: unexpected, the model has no such tensor" for name in state_dict if name not in wanted]
-    problems += [
-        f"{name}: checkpoint has {tuple(t.shape)}, model expects {wanted[name]}"
-        for name, t in state_dict.items()
-        if name in wanted and tuple(t.shape) != wanted[name]
-    ]
-    if problems:
-        raise UserError(f"{source}: {_summarise(problems, config)}")
-    return _model_from_state_dict(config, state_dict)
-
-
-# ----------------------------------------------------------------------------------------------- shared
-
-
-def _with_overrides(base: GPTConfig, overrides: dict, fixed: tuple[str, ...], source: str | os.PathLike) -> GPTConfig:
-    unknown = sorted(set(overrides) - set(gpt_config_fields()))
-    if unknown:
-        raise UserError(f"unknown model setting(s) {', '.join(unknown)}: choose from {', '.join(gpt_config_fields())}")
-    for name in fixed:
-        if name in overrides and overrides[name] != getattr(base, name):
-            raise UserError(f"{name}={overrides[name]!r} conflicts with {source}, which has {name}={getattr(base, name)!r}: drop that setting")
-    config = replace(base, **overrides)
-    try:
-        config.check()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return config
-
-
-def _model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: no memory, no init
-        return {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
-
-
-def _model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
-    """GPT(config) holding state_dict (checked already; a tied lm_head comes from the tie)."""
-    # Built on the meta device and then given empty storage: GPT-2's random init, which the checkpoint
-    # overwrites anyway, costs seconds of CPU for gpt2-xl.
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight  # to_empty gives each module its own new tensor: tie them again
-        state_dict = {**state_dict, "lm_head.weight": state_dict["wte.weight"]}
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.reset_parameters()  # the cos/sin tables are not in checkpoints: compute them for real
-    model.load_state_dict(state_dict)
-    return model
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
-
-
-def _summarise(problems: list[str], config: GPTConfig) -> str:
-    """One line: the checkpoint's first problems and how many more."""
-    shown = "; ".join(problems[:3])
-    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return f"checkpoint does not fit a GPT with n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}: {shown}{more}"

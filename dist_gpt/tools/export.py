@@ -14,12 +14,14 @@ from pathlib import Path
 
 from dist_gpt.errors import UserError, cli
 from dist_gpt.interop import load_model
+from dist_gpt.interop.export_file import save_exported
+from dist_gpt.interop.hf_dir import export_hf
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt", help="run dir, checkpoints dir, step_* dir, or an exported .safetensors")
+    parser.add_argument("ckpt", help="run dir, checkpoints dir, step_* dir, an exported .safetensors or `export --hf` dir, or a GPT-2 (name or HF dir)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="the .safetensors file to write (our format)")
     target.add_argument("--hf", help="the directory to write for Hugging Face transformers")
@@ -36,13 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.out:
-        from dist_gpt.interop.openai_gpt2 import save_exported
-
         save_exported(model, out)
         written = out
     else:
-        from dist_gpt.interop.hf_dir import export_hf
-
         written = export_hf(model, out)
         kind = "GPTNeoXForCausalLM" if model.config.position == "rope" else "GPT2LMHeadModel"
         print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(written)!r}) ({kind})")

@@ -18,7 +18,7 @@ from dist_gpt.runtime.distributed import pick_device
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="run dir, checkpoints dir, step_* dir, or an exported .safetensors")
+    parser.add_argument("--ckpt", required=True, help="run dir, checkpoints dir, step_* dir, an exported .safetensors or `export --hf` dir, or a GPT-2 (name or HF dir)")
     parser.add_argument("--prompt", default="\n")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=200)
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = pick_device(args.device, 0)
-    model = load_model(args.ckpt, device)
+    model = load_model(args.ckpt).to(device).eval()
     torch.manual_seed(args.seed)
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     for i in range(args.num_samples):
