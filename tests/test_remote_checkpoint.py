@@ -141,16 +141,26 @@ def test_file_url_is_a_remote_too(tiny_data, tmp_path, capsys):
 
 
 def test_fsdp_ranks_upload_their_own_files_and_one_process_resumes(s3_env, tiny_data, tmp_path, reference, capsys):
+    """2 FSDP ranks save (each uploads its own files), 1 process resumes from the remote on a fresh machine, then
+    2 ranks again on another fresh machine (the node's ranks share the download): the reference's losses."""
     prefix = f"s3://{BUCKET}/b"
-    fsdp = [o for o in overrides(tiny_data, tmp_path, prefix, "run", 4) if o not in SINGLE] + FSDP2
-    run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py", "--config", "bible-tiny", *fsdp], timeout=300, **s3_env.env())
+
+    def two_ranks(max_steps: int) -> str:
+        fsdp = [o for o in overrides(tiny_data, tmp_path, prefix, "run", max_steps) if o not in SINGLE] + FSDP2
+        args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py", "--config", "bible-tiny", *fsdp]
+        return run_python(args, timeout=300, **s3_env.env()).stdout
+
+    two_ranks(4)
     losses = losses_by_step(tmp_path / "run")
     store = remote_of(prefix)
     assert sorted(n for n in store.sizes("step_000004") if n.startswith("upload_rank")) == ["upload_rank0.json", "upload_rank1.json"]
     assert json.loads(store.read_text("step_000004/manifest.json"))["world_size"] == 2
     shutil.rmtree(tmp_path / "run")
-    train(load_config("bible-tiny", overrides(tiny_data, tmp_path, prefix, "run", MAX_STEPS)))
+    train(load_config("bible-tiny", overrides(tiny_data, tmp_path, prefix, "run", 6)))
     assert "at step 4 |" in capsys.readouterr().out
+    losses.update(losses_by_step(tmp_path / "run"))
+    shutil.rmtree(tmp_path / "run")
+    assert "at step 6 |" in two_ranks(MAX_STEPS)
     losses.update(losses_by_step(tmp_path / "run"))
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-5)  # 2 ranks reduce in another order: float rounding
 
