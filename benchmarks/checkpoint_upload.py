@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from checkpoint_io import MODELS  # noqa: E402  (the same model shapes as the save/load benchmark)
+from checkpoint_io import MODELS  # the same model shapes as the save/load benchmark
 
 BATCH = (1, 128)  # sequences x tokens of each timed step: small, so a GPT-2 step on CPU stays ~1 s
 

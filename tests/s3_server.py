@@ -42,7 +42,7 @@ class S3Server:
             "AWS_ENDPOINT_URL": self.endpoint,
         }
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         env = dict(os.environ)
         if self.enforce_auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"

@@ -10,12 +10,20 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import Proc, assert_one_line_error, ckpt_root, launch_args, losses_by_step, run_python, tiny_overrides, train_cli
+from conftest import (
+    Proc,
+    assert_one_line_error,
+    ckpt_root,
+    launch_args,
+    losses_by_step,
+    run_python,
+    tiny_overrides,
+    train_cli,
+)
 from s3_server import BUCKET, S3Server
 
 from dist_gpt.checkpoint.fetch import download

@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 
 from dist_gpt.checkpoint.fetch import download, remote_checkpoint
-from dist_gpt.checkpoint.manifest import read_manifest, resolve_checkpoint_dir, verify_files
+from dist_gpt.checkpoint.manifest import (
+    read_manifest,
+    resolve_checkpoint_dir,
+    verify_files,
+)
 from dist_gpt.checkpoint.remote import is_url
 from dist_gpt.config import Config
 from dist_gpt.parallel import strategy_class

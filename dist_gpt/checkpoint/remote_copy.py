@@ -19,7 +19,13 @@ from dist_gpt.checkpoint.storage import LocalStorage
 from dist_gpt.checkpoint.upload import Uploader
 from dist_gpt.config import Config
 from dist_gpt.errors import UserError
-from dist_gpt.runtime.distributed import DistEnv, any_rank, barrier, broadcast_from_main, gather_objects
+from dist_gpt.runtime.distributed import (
+    DistEnv,
+    any_rank,
+    barrier,
+    broadcast_from_main,
+    gather_objects,
+)
 
 
 def remote_run_url(config: Config) -> str:
@@ -86,7 +92,7 @@ class RemoteCopy:
             return None
         if self.env.is_main:
             print(f"the newest checkpoint is remote: downloading {self.storage.location(name)} to {self.local_root}", flush=True)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         download(self.storage, name, self.local_root, self.env.local_rank % local_world, local_world, barrier=barrier)
         return name
 
