@@ -25,9 +25,13 @@ def step_of(name: str | None) -> int:
 
 
 def newest_complete(storage) -> str | None:
-    """The checkpoint `latest` names, if it is complete there (else None)."""
+    """The checkpoint `latest` names, if it is complete there; else (no `latest`, or one naming a checkpoint
+    deleted by hand) the newest complete one listed; None if there is none."""
     name = storage.latest()
-    return name if name and storage.is_complete(name) else None
+    if name and storage.is_complete(name):
+        return name
+    complete = [c for c in storage.checkpoints() if storage.is_complete(c)]
+    return complete[-1] if complete else None
 
 
 def download(remote: RemoteStorage, name: str, local_root: Path, local_rank: int = 0, local_world_size: int = 1, barrier=lambda: None) -> Path:
@@ -81,5 +85,5 @@ def remote_checkpoint(url: str) -> tuple[RemoteStorage, str]:
 
 def newer_remote(local_root: Path, remote: RemoteStorage) -> str | None:
     """The remote's newest complete checkpoint if it is newer than the local one (or there is none locally)."""
-    local, newest = newest_complete(LocalStorage(local_root)), newest_complete(remote)
+    local, newest = LocalStorage(local_root).latest(), newest_complete(remote)  # locally, what the resume reads
     return newest if step_of(newest) > step_of(local) else None

@@ -79,7 +79,7 @@ class RemoteCopy:
         it whole now, in the background, so that even a run that has nothing left to train gets its copy."""
         if not self.env.is_main:
             return
-        local = newest_complete(LocalStorage(self.local_root))
+        local = LocalStorage(self.local_root).latest()  # what the local resume reads
         if step_of(local) > step_of(self.newest):
             print(f"the newest checkpoint is only on this machine: uploading {local} to {self.storage.location()}", flush=True)
             self.uploader.submit(local, read_manifest(self.local_root / local)["files"])
