@@ -101,6 +101,8 @@ class CheckpointSection:
     keep_last_k: int = 3  # complete checkpoints kept; older ones are deleted after a new one is published
     resume: str = "auto"  # auto | never | PATH
     async_save: bool = False  # write checkpoints in the background while training goes on
+    remote: str = ""  # a URL (s3://bucket/prefix, gs://..., az://..., file:///mnt/drive): every checkpoint is also uploaded there, under <run name>/; '' = off
+    remote_wait_minutes: float = 10.0  # how long the end of a run waits for its last upload (never past train.time_limit)
 
 
 @dataclass
@@ -365,6 +367,7 @@ def check(config: Config) -> None:
         "train.weight_decay": t.weight_decay,
         "checkpoint.every_steps": config.checkpoint.every_steps,
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
+        "checkpoint.remote_wait_minutes": config.checkpoint.remote_wait_minutes,
         "train.max_skipped_steps": t.max_skipped_steps,
     }
     for key, value in non_negative.items():
@@ -377,6 +380,8 @@ def check(config: Config) -> None:
         raise UserError(f"data.val_fraction={config.data.val_fraction} must be between 0 and 1 (e.g. 0.01)")
     if config.checkpoint.keep_last_k < 1:
         raise UserError(f"checkpoint.keep_last_k={config.checkpoint.keep_last_k} must be at least 1 (the last good checkpoint is always kept)")
+    if config.checkpoint.remote and "://" not in config.checkpoint.remote:
+        raise UserError(f"checkpoint.remote={config.checkpoint.remote} is not a URL: give s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///mounted/drive")
     if config.parallel.strategy == "deepspeed" and not config.parallel.ds_config:
         raise UserError("parallel.strategy=deepspeed needs a DeepSpeed config: launch with `deepspeed launch/train.py --ds_config ds_configs/zero2.json ...`")
 

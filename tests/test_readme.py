@@ -32,6 +32,8 @@ RUN_BY = {
     "python -m dist_gpt.compare out/seed-bible-rope out/seed-bible-learned": ["tests/test_compare.py::test_compare_prints_the_table_and_the_differing_keys"],
     "python -m dist_gpt.plot out/seed-bible-rope out/seed-bible-learned --out rope-vs-learned.png": ["tests/test_compare.py::test_plot_overlays_several_runs"],
     "python -m dist_gpt.doctor": ["tests/test_doctor.py::test_doctor_on_cpu_passes_every_check_and_reports_the_numbers"],
+    "python -m dist_gpt.export s3://my-bucket/runs/bible-tiny --hf bible-tiny-hf": ["tests/test_remote_checkpoint.py::test_fresh_machine_resumes_from_the_remote_and_the_newer_copy_wins"],
+    'python -m dist_gpt.sample --ckpt s3://my-bucket/runs/bible-tiny --prompt "En el principio"': ["tests/test_remote_checkpoint.py::test_fresh_machine_resumes_from_the_remote_and_the_newer_copy_wins"],
 }
 # README command -> why no test runs it on a CPU.
 OWT = "GPT-2 124M on OpenWebText: GPU work, and its data comes from the hub"
@@ -39,6 +41,11 @@ SEED_BIBLE = "the seed's 42M model for 75M tokens: GPU work (tests/test_compare.
 NOT_ON_CPU = {
     "bash launch/quickstart.sh": "installs system packages and a venv: its three dist_gpt commands are the quick start's, run here",
     "bash .ci/run": "CI's own command: it runs this test",
+    'pip install -e ".[cloud]"': "installs packages: .ci/run installs the cloud extra for the tests",
+    "python launch/train.py --config gpt2-124m-owt checkpoint.remote=s3://my-bucket/runs checkpoint.every_minutes=10 checkpoint.async_save=true": OWT + " (tests/test_remote_checkpoint.py trains a tiny model against a real S3 server on 127.0.0.1)",
+    "python launch/train.py --config gpt2-124m-owt checkpoint.remote=gs://my-bucket/runs checkpoint.every_minutes=10 checkpoint.async_save=true": OWT + "; and no GCS server runs here (gcsfs is the same fsspec interface as the tested s3fs)",
+    "python launch/train.py --config gpt2-124m-owt checkpoint.remote=file:///mnt/drive/runs": OWT + " (tests/test_remote_checkpoint.py::test_file_url_is_a_remote_too trains against a file:// store)",
+    "python launch/train.py --nproc_per_node=8 --max-restarts=3 --config gpt2-124m-owt parallel.strategy=fsdp checkpoint.every_minutes=10": OWT + " (tests/test_remote_checkpoint.py::test_max_restarts_restarts_the_group_after_a_worker_dies restarts 2 CPU workers)",
     "python -m dist_gpt.prepare --config gpt2-124m-owt": OWT,
     "python launch/train.py --config gpt2-124m-owt": OWT,
     "python launch/train.py --nproc_per_node=8 --config gpt2-124m-owt": OWT,

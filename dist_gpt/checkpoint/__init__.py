@@ -5,6 +5,10 @@
     resume.py        which checkpoint checkpoint.resume names; loading it into the strategy and the run's parts
     retention.py     keep_last_k, in any store
     storage.py       the Storage interface (read/write a file, list, delete a checkpoint) and LocalStorage
+    remote.py        RemoteStorage: the same interface over fsspec (s3://, gs://, az://, file://) — checkpoint.remote
+    remote_copy.py   a run's remote copy as the Checkpointer drives it: checked at start, fetched at resume, uploaded
+    upload.py        each rank's background upload thread (rank 0: manifest last, then the remote `latest`)
+    fetch.py         a remote checkpoint downloaded onto this disk (resume on a fresh machine, export, sample)
     manifest.py      a published checkpoint: names, manifest, verification, the model-shape check
     rng.py           each rank's RNG stream, saved and restored
     consolidate.py   the full weights of any checkpoint in one process (export, sample, eval)

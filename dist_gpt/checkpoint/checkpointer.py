@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from dist_gpt.checkpoint import retention
 from dist_gpt.checkpoint.publish import PendingSave, publish, write_checkpoint
+from dist_gpt.checkpoint.remote_copy import RemoteCopy
 from dist_gpt.checkpoint.resume import checkpoint_to_resume, load_checkpoint
 from dist_gpt.checkpoint.storage import LocalStorage
 from dist_gpt.config import Config
@@ -52,9 +53,15 @@ class Checkpointer:
         self.last_saved_step: int | None = None  # by this process
         self.rng_restored = False  # set by load(): this rank's RNG continues the saved stream
         self.stop = StopRequest()
+        self.remote: RemoteCopy | None = None  # checkpoint.remote: opened (and checked) by resume(), before step 1
+        self.upload_failure: str | None = None  # set by finish(): why the last checkpoint is not in the remote store
 
     def resume(self) -> str | None:
-        """Load the checkpoint that checkpoint.resume names (auto: this run's latest, if any). Returns its path."""
+        """Load the checkpoint that checkpoint.resume names (auto: this run's latest, if any; with a remote copy
+        newer than the local one, that, downloaded first). Returns its path."""
+        if self.config.checkpoint.remote:
+            self.remote = RemoteCopy(self.config, self.env, self.root)
+            self.remote.before_resume(self.config.checkpoint.resume)
         ckpt_dir = checkpoint_to_resume(self.config, self.storage)
         if ckpt_dir is not None:
             self.load(ckpt_dir)
@@ -104,11 +111,24 @@ class Checkpointer:
         self.failure = None
         self.longest_save_seconds = max(self.longest_save_seconds or 0.0, time.monotonic() - save.started)
         if self.env.is_main:
-            retention.prune(self.storage, self.config.checkpoint.keep_last_k, keep=save.final_dir.name)
+            uploading = self.remote.in_flight() if self.remote else ()  # its upload reads it
+            retention.prune(self.storage, self.config.checkpoint.keep_last_k, keep=(save.final_dir.name, *uploading))
             print(f"checkpoint saved: {save.final_dir}", flush=True)
+        if self.remote:  # this rank's files of it go up in the background
+            self.remote.submit(save.final_dir.name, save.checksums.result())
 
-    def finish(self) -> None:
+    def seconds_to_save(self) -> float | None:
+        """What a stop must leave time for: the longest save so far, and with a remote copy its longest upload
+        (the stop waits for the last one). None before the first save."""
+        if self.longest_save_seconds is None:
+            return None
+        return self.longest_save_seconds + (self.remote.uploader.longest_seconds if self.remote else 0.0)
+
+    def finish(self, upload_wait_seconds: float = 0.0) -> None:
+        """Publish a save in flight; with a remote copy, wait (at most upload_wait_seconds) for its upload."""
         self.wait()
+        if self.remote:
+            self.upload_failure = self.remote.finish(upload_wait_seconds)
 
     def _abandoned(self, step: int, reason: str) -> None:
         if self.last_saved_step == step:

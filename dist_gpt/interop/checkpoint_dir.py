@@ -1,5 +1,6 @@
 """The reader of our own checkpoints: a run directory, its checkpoints/ directory (-> the latest) or one step_N
-directory -> the GPT it holds, consolidated in one process whatever strategy and world size saved it.
+directory, here or in object storage -> the GPT it holds, consolidated in one process whatever strategy and world
+size saved it.
 `sample --ckpt RUN`, `export RUN` and `model.init_from=RUN` (fine-tuning a run's weights) read here.
 The writer is the trainer's Checkpointer (checkpoint/): a checkpoint also holds the optimizer, RNG and data
 position, which only resuming a run needs."""
@@ -11,12 +12,16 @@ from pathlib import Path
 
 from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 from dist_gpt.checkpoint.manifest import LATEST, MANIFEST
+from dist_gpt.checkpoint.remote import is_url
 from dist_gpt.interop.shared import build_checked
 from dist_gpt.model import GPT
 
 
 def is_checkpoint(source: str | os.PathLike) -> bool:
-    """What looks like a checkpoint (its problems, a missing manifest say, are then the checkpoint's errors)."""
+    """What looks like a checkpoint (its problems, a missing manifest say, are then the checkpoint's errors); a URL
+    (s3://, gs://...: a run's remote copy, checkpoint.remote) is downloaded first."""
+    if is_url(source):
+        return True
     path = Path(source)
     if not path.is_dir():
         return False

@@ -73,6 +73,10 @@ def launch(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # --max-restarts: the agent's rendezvous store is shared with the workers' process group by default, and the
+    # first restart then fails to connect (Gloo connectFullMesh ... Connection refused; pytorch/pytorch#135712).
+    # With the store not shared, the restarted group meets on its own: the elastic restart works.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # torch.distributed logs through its own stderr handler: its warnings and errors would follow the workers' lines
     logging.getLogger("torch.distributed").handlers = [logging.NullHandler()]
     try:

@@ -21,7 +21,7 @@ from dist_gpt.interop.hf_dir import export_hf
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt", help="run dir, checkpoints dir, step_* dir, an exported .safetensors or `export --hf` dir, or a GPT-2 (name or HF dir)")
+    parser.add_argument("ckpt", help="run dir (also in object storage: s3://bucket/prefix/RUN), checkpoints dir, step_* dir, an exported .safetensors or `export --hf` dir, or a GPT-2 (name or HF dir)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="the .safetensors file to write (our format)")
     target.add_argument("--hf", help="the directory to write for Hugging Face transformers")

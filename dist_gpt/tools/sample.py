@@ -18,7 +18,7 @@ from dist_gpt.runtime.distributed import pick_device
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="run dir, checkpoints dir, step_* dir, an exported .safetensors or `export --hf` dir, or a GPT-2 (name or HF dir)")
+    parser.add_argument("--ckpt", required=True, help="run dir (also in object storage: s3://bucket/prefix/RUN), checkpoints dir, step_* dir, an exported .safetensors or `export --hf` dir, or a GPT-2 (name or HF dir)")
     parser.add_argument("--prompt", default="\n")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=200)

@@ -24,7 +24,7 @@ from dist_gpt.runtime.distributed import DistEnv, all_reduce_mean, destroy_distr
 from dist_gpt.runtime.metrics import MetricsLogger, device_peak
 from dist_gpt.runtime.precision import dtype_name, dtype_notice
 from dist_gpt.train.run_lock import hold_run_dir
-from dist_gpt.train.time_budget import TimeBudget, effective_time_limit
+from dist_gpt.train.time_budget import TimeBudget, effective_time_limit, seconds_left
 
 WARMUP_STEPS_EXCLUDED = 3  # first steps (allocator warm-up, compilation) are left out of the throughput summary
 
@@ -115,7 +115,8 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
             f"= {tokens_per_step:,} tokens/step | train {meta['train_tokens']:,} tokens | attention {attention} | "
             f"peak {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})"
             + (f" | time limit {limit_seconds / 60:.1f} min ({limit_source})" if limit_seconds else "")
-            + (f" | resumed from {resumed_from} at step {state.step}" if resumed_from else ""),
+            + (f" | resumed from {resumed_from} at step {state.step}" if resumed_from else "")
+            + (f" | {checkpointer.remote.describe()}" if checkpointer.remote else ""),
             flush=True,
         )
 
@@ -173,7 +174,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                 metrics.log({"step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss}, console=f"step {state.step:6d} | val loss {val_loss:.4f}")
             if budget and state.step < t.max_steps:
                 next_eval = bool(t.eval_every and (state.step + 1) % t.eval_every == 0) or state.step + 1 == t.max_steps
-                checkpointer.stop.request(budget.stop_reason(next_eval, checkpointer.longest_save_seconds))
+                checkpointer.stop.request(budget.stop_reason(next_eval, checkpointer.seconds_to_save()))
             decision = checkpointer.agree_on_step(state.step)  # one collective: stop? save? publish an async save?
             stop_reason = decision.stop_reason
             periodic = decision.save_due and not guard.consecutive  # amid skips: keep the older, healthier ones
@@ -181,7 +182,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                 checkpointer.save(state.step)
             if stop_reason:
                 break
-    checkpointer.finish()
+    checkpointer.finish(upload_wait_seconds=min(60 * config.checkpoint.remote_wait_minutes, seconds_left(limit_seconds)))
 
     summary = {
         "run_dir": str(config.run_dir),
@@ -210,6 +211,13 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     if checkpointer.failure:  # the last save asked for (the final one) did not reach the disk
         newest = checkpointer.latest()
         raise UserError(f"{checkpointer.failure}; {'the newest checkpoint is ' + newest if newest else 'no checkpoint was saved'}: free space (or fix the write error) and run the same command to resume")
+    if checkpointer.upload_failure:  # the machine may go away: the user must know the only copy is local
+        raise UserError(
+            f"the last checkpoint did not reach {checkpointer.remote.storage.location()} ({checkpointer.upload_failure}); "
+            f"it is only on this machine: {checkpointer.latest()} (copy it off, or run the same command again to resume and upload)"
+        )
+    if checkpointer.remote and checkpointer.remote.where() and env.is_main:
+        print(f"checkpoint uploaded to {checkpointer.remote.where()}", flush=True)
     if stop_reason and env.is_main:  # the last line on the screen
         print(f"stopping on {stop_reason} after step {state.step}: checkpoint saved; the same command resumes", flush=True)
     return summary

@@ -28,6 +28,13 @@ def effective_time_limit(configured: str | float) -> tuple[float | None, str]:
     return min(given) if given else (None, "")
 
 
+def seconds_left(limit_seconds: float | None) -> float:
+    """What remains of the limit for this process (it started the clock), less the exit; inf without a limit."""
+    if not limit_seconds:
+        return float("inf")
+    return max(0.0, limit_seconds - (time.time() - psutil.Process().create_time()) - EXIT_SECONDS)
+
+
 class TimeBudget:
     """Whether another step (+ eval) + a save still fit before the limit. Timings are recorded as they come."""
 
