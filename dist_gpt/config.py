@@ -27,6 +27,7 @@ from dist_gpt.errors import UserError
 from dist_gpt.model import CUDA_ONLY_BACKENDS, PRESETS, GPTConfig
 
 DTYPES = ("fp32", "bf16", "fp16")  # train.dtype besides auto; runtime/precision.py maps them to torch dtypes
+EVAL_TASKS = ("hellaswag",)  # train.eval_tasks; each one a module in dist_gpt/eval/
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides auto; one module each in parallel/
 
 
@@ -75,6 +76,10 @@ class TrainSection:
     run_name: str = ""  # default: the config's name; the run lives in out_dir/run_name
     time_limit: str | float = ""  # e.g. 3h30m, 90m, 2:30:00, or minutes: save and exit 0 before it ends (also $DIST_GPT_TIME_LIMIT)
     max_skipped_steps: int = 5  # stop (exit != 0) after this many non-finite steps in a row; 0 = never
+    eval_tasks: list[str] = field(default_factory=list)  # benchmarks scored during training: [] or [hellaswag]
+    eval_task_every: int = 0  # steps between task evals; 0 = only at the end
+    eval_task_limit: int = 0  # items per task eval (the first N of the file); 0 = all (HellaSwag: 10,042)
+    eval_task_data: str = ""  # a local copy of the task's file (hellaswag_val.jsonl); default: downloaded once into ~/.cache/dist_gpt
 
 
 @dataclass
@@ -313,6 +318,11 @@ def _build_section(section: str, cls: type, values: dict):
 
 
 def _coerce(key: str, value, hint):
+    if typing.get_origin(hint) is list:  # a list of names; one name or "a,b" (a command-line override) reads as a list
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise UserError(f"{key} must be a list of names (e.g. [hellaswag]), got {value!r}")
+        return items
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if isinstance(value, bool) and bool not in allowed:
         raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")
@@ -338,6 +348,9 @@ def _type_names(kinds) -> str:
 
 def check(config: Config) -> None:
     """Every check that needs only the config. Raises UserError (one line, with the fix)."""
+    unknown_tasks = [task for task in config.train.eval_tasks if task not in EVAL_TASKS]
+    if unknown_tasks:
+        raise UserError(f"train.eval_tasks: unknown task {unknown_tasks[0]!r}: the tasks are {', '.join(EVAL_TASKS)}")
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in choices:
@@ -369,6 +382,8 @@ def check(config: Config) -> None:
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
         "checkpoint.remote_wait_minutes": config.checkpoint.remote_wait_minutes,
         "train.max_skipped_steps": t.max_skipped_steps,
+        "train.eval_task_every": t.eval_task_every,
+        "train.eval_task_limit": t.eval_task_limit,
     }
     for key, value in non_negative.items():
         if value < 0:
