@@ -184,8 +184,15 @@ def test_in_the_loop_2_ranks_score_as_1_rank(tiny_data, tmp_path):
     assert all(r["hellaswag_items"] == 4 for r in records[1])
     assert records[2] == records[1]  # the same global batch: the same steps, tokens and scores
 
-    from dist_gpt.compare import markdown_table
-    from dist_gpt.runs import read_runs
+    from dist_gpt.tools.compare import markdown_table
+    from dist_gpt.tools.runs import read_runs
 
-    table = markdown_table(read_runs([str(tmp_path / "w1"), str(tmp_path / "w2")]))
-    assert "hellaswag" in table and f"{100 * records[1][-1]['hellaswag_acc_norm']:.2f}" in table
+    runs = read_runs([str(tmp_path / "w1"), str(tmp_path / "w2")])
+    assert [[p.step for p in run.tasks["hellaswag"]] for run in runs] == [[3, 6], [3, 6]]
+    table = markdown_table(runs)
+    assert "| hellaswag acc_norm |" in table and f"{100 * records[1][-1]['hellaswag_acc_norm']:.2f}% (6)" in table
+    pytest.importorskip("matplotlib")
+    from dist_gpt.tools.plot import plot_runs
+
+    plot_runs(runs, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
