@@ -128,6 +128,7 @@ class Scores:
         return {f"{prefix}_acc": self.acc, f"{prefix}_acc_norm": self.acc_norm, f"{prefix}_items": self.items}
 
 
+@torch.no_grad()
 def ending_losses(logits_fn: LogitsFn, items: Sequence[Item], block_size: int, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, mean loss per token) of every ending of every item, each of shape (len(items), 4), in one
     forward. Rows are right-padded; causal attention keeps the padding from touching the real tokens."""
