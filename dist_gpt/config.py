@@ -42,12 +42,13 @@ class ModelSection(GPTConfig):
 
 @dataclass
 class DataSection:
-    dataset: str = "bible-es"  # bible-es | local files (path or glob of .txt/.jsonl/.parquet) | hf:NAME (a Hugging Face dataset)
+    dataset: str = "bible-es"  # bible-es | local files (path or glob of .txt/.jsonl/.parquet) | hf:NAME[:CONFIG] (a Hugging Face dataset, and its config name)
     dir: str = ""  # where train.bin / val.bin / meta.json live; default data/<dataset name>
     val_fraction: float = 0.01  # of documents, chosen deterministically
     text_field: str = "text"  # the column holding text in jsonl/parquet/HF data
     hf_split: str = "train"  # the split of an hf: dataset to read
     num_proc: int = 0  # tokenizer processes; 0 = one per core
+    max_tokens: int = 0  # stop preparing after this many tokens (train + val, whole documents); 0 = the whole dataset
 
 
 @dataclass
@@ -382,6 +383,7 @@ def check(config: Config) -> None:
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
         "checkpoint.remote_wait_minutes": config.checkpoint.remote_wait_minutes,
         "train.max_skipped_steps": t.max_skipped_steps,
+        "data.max_tokens": config.data.max_tokens,
         "train.eval_task_every": t.eval_task_every,
         "train.eval_task_limit": t.eval_task_limit,
     }

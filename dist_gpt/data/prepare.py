@@ -67,12 +67,18 @@ def prepare_dataset(
     hf_split: str = "train",
     num_proc: int = 0,
     force: bool = False,
+    max_tokens: int = 0,
 ) -> dict:
-    """Tokenize `dataset` (a spec, see dist_gpt.data.sources) into out_dir. Returns the meta dict."""
+    """Tokenize `dataset` (a spec, see dist_gpt.data.sources) into out_dir. Returns the meta dict.
+
+    max_tokens: stop after the document that brings train + val to this many tokens (0 = the whole dataset):
+    a sample of a dataset too large to take whole (FineWeb-Edu), made of its first whole documents."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.01)")
     if num_proc < 0:
         raise UserError(f"num_proc={num_proc} must be 0 (one per core) or more")
+    if max_tokens < 0:
+        raise UserError(f"max_tokens={max_tokens} must be 0 (the whole dataset) or more")
     start = time.perf_counter()  # the whole job counts: reading, hashing, loading the tokenizer, writing
     out_dir = Path(out_dir)
     source = open_source(dataset, text_field, hf_split)
@@ -84,6 +90,7 @@ def prepare_dataset(
         "val_fraction": val_fraction,
         "text_field": text_field,
         "hf_split": hf_split,
+        **({"max_tokens": max_tokens} if max_tokens else {}),  # absent when unlimited: older meta.json stay up to date
     }
     if not force and _is_up_to_date(out_dir, settings):
         meta = read_meta(out_dir)
@@ -94,7 +101,7 @@ def prepare_dataset(
     (out_dir / META_FILE).unlink(missing_ok=True)  # from here on the folder must not look prepared
     threads = num_proc or available_cores()
     with SplitWriter(out_dir) as writer:
-        _tokenize_into(writer, source, val_fraction, threads)
+        _tokenize_into(writer, source, val_fraction, threads, max_tokens)
         writer.ensure_both_splits_have_text(dataset)
         writer.commit()
     seconds = time.perf_counter() - start
@@ -142,18 +149,18 @@ def _is_up_to_date(out_dir: Path, settings: dict) -> bool:
     return all(bin_path(out_dir, s).is_file() and bin_path(out_dir, s).stat().st_size == meta[f"{s}_tokens"] * itemsize for s in SPLITS)
 
 
-def _tokenize_into(writer: SplitWriter, source: Source, val_fraction: float, threads: int) -> None:
-    """Read batch i+1 while the tokenizer threads work on batch i."""
+def _tokenize_into(writer: SplitWriter, source: Source, val_fraction: float, threads: int, max_tokens: int = 0) -> None:
+    """Read batch i+1 while the tokenizer threads work on batch i; stop once max_tokens (if set) are written."""
     progress = tqdm(total=source.num_documents, unit="doc", desc="tokenizing", disable=None, dynamic_ncols=True)
     with progress, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = None
         for batch in _batches(source.documents()):
             submitted = (batch, encoder.submit(encode_batch, batch, threads))
-            if pending:
-                _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress)
+            if pending and not _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress, max_tokens):
+                return
             pending = submitted
         if pending:
-            _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress)
+            _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress, max_tokens)
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -170,7 +177,15 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _write_batch(writer: SplitWriter, texts: list[str], token_lists: list[list[int]], val_fraction: float, progress: tqdm) -> None:
+def _write_batch(writer: SplitWriter, texts: list[str], token_lists: list[list[int]], val_fraction: float, progress: tqdm, max_tokens: int = 0) -> bool:
+    """Append a batch's documents to their splits. False once max_tokens is reached (the rest is dropped)."""
+    if max_tokens:
+        room = max_tokens - sum(writer.tokens.values())
+        for keep, ids in enumerate(token_lists, 1):
+            room -= len(ids) + 1
+            if room <= 0:
+                texts, token_lists = texts[:keep], token_lists[:keep]
+                break
     by_split: dict[str, list[int]] = {split: [] for split in SPLITS}
     for text, ids in zip(texts, token_lists):
         position = split_position(text)
@@ -182,6 +197,7 @@ def _write_batch(writer: SplitWriter, texts: list[str], token_lists: list[list[i
         writer.append(split, np.array(ids, dtype=TOKEN_DTYPE))
     progress.update(len(texts))
     progress.set_postfix(tokens=f"{sum(writer.tokens.values()):,}", refresh=False)
+    return not max_tokens or sum(writer.tokens.values()) < max_tokens
 
 
 def split_position(text: str) -> float:
