@@ -81,3 +81,21 @@ def test_the_fineweb_edu_preset_asks_the_hub_for_its_config(tmp_path, capsys):
     config = load_config("gpt2-124m-fineweb-edu")
     assert config.data.dataset == "hf:HuggingFaceFW/fineweb-edu:sample-10BT" and config.train.eval_tasks == ["hellaswag"]
     assert config.train.global_batch_size * config.model.block_size == 524_288  # GPT-2 124M's ~0.5M tokens a step
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3000])
+def test_prepare_writes_the_same_bytes_at_every_process_count(tmp_path, monkeypatch, max_tokens):
+    """Many small batches spread over 1, 2 and 3 worker processes: the same train.bin, val.bin and meta.json
+    (but for the timing and the process count), also when max_tokens cuts the stream mid-batch."""
+    from dist_gpt.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 3000)  # ~30 batches: every worker gets several
+    corpus = write_corpus(tmp_path / "c.jsonl", documents=300)
+    metas = {n: prepare_dataset(str(corpus), tmp_path / f"p{n}", val_fraction=0.1, num_proc=n, max_tokens=max_tokens) for n in (1, 2, 3)}
+    for n in (2, 3):
+        for split in ("train", "val"):
+            assert (tmp_path / f"p{n}" / f"{split}.bin").read_bytes() == (tmp_path / "p1" / f"{split}.bin").read_bytes()
+        timing = {"created", "seconds", "tokens_per_s", "num_processes"}
+        assert {k: v for k, v in metas[n].items() if k not in timing} == {k: v for k, v in metas[1].items() if k not in timing}
+        assert metas[n]["num_processes"] == n
+    assert metas[1]["val_documents"] > 0 and (not max_tokens or 3000 <= metas[1]["train_tokens"] + metas[1]["val_tokens"] < 3100)

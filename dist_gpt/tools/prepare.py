@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-fraction", type=float, help="fraction of documents held out for validation")
     parser.add_argument("--text-field", help="the text column of .jsonl/.parquet/hf data")
     parser.add_argument("--hf-split", help="the split of a hf: dataset to read")
-    parser.add_argument("--num-proc", type=int, help="tokenizer threads (0 = one per core)")
+    parser.add_argument("--num-proc", type=int, help="tokenizer processes (0 = one per core)")
     parser.add_argument("--max-tokens", type=int, help="stop after this many tokens (whole documents; 0 = all), e.g. 1000000000 for a 1B-token sample")
     parser.add_argument("--force", action="store_true", help="redo it even if the output is up to date")
     add_print_config(parser, ["python -m dist_gpt.prepare --dataset 'books/*.txt' --val-fraction 0.02", "python -m dist_gpt.prepare --config bible-tiny --print-config"],
