@@ -9,6 +9,7 @@ every 100 ms. Runs are interleaved round after round, so drifting load on a shar
 machine hits every setting alike; the table shows the median.
 
     python benchmarks/prepare_scaling.py --mb 100 --processes 1 2 --rounds 1
+    python benchmarks/prepare_scaling.py --mb 100 --stages       # where it stops scaling: the main process's share
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +72,39 @@ def run_one(corpus: Path, out: Path, processes: int) -> dict:
     return {"tokens": meta["train_tokens"] + meta["val_tokens"], "tokens_per_s": meta["tokens_per_s"], "wall_s": time.perf_counter() - started, "peak_pss_mb": peak / 2**20}
 
 
+def stage_times(corpus: Path) -> dict:
+    """One core, one stage at a time, over the whole corpus: what the main process does (read + batch, hand a
+    batch to a worker and take its arrays back, split and write) against what the workers do (tokenize, hash,
+    build arrays). The main process's share bounds the speed-up: it cannot go faster than its own stages."""
+    import pickle
+
+    from dist_gpt.data import prepare as prepare_module
+    from dist_gpt.data.encode_pool import encode_documents
+    from dist_gpt.data.sources import open_source
+
+    times = dict.fromkeys(("read", "handoff", "work", "write"), 0.0)
+    tokens = 0
+    with tempfile.TemporaryDirectory() as tmp, prepare_module.SplitWriter(Path(tmp)) as writer:
+        progress = prepare_module.tqdm(disable=True)
+        clock = time.perf_counter()
+        for batch in prepare_module._batches(open_source(str(corpus)).documents()):
+            now = time.perf_counter()
+            times["read"] += now - clock
+            sent = pickle.loads(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+            times["handoff"] += (clock := time.perf_counter()) - now
+            encoded = encode_documents(sent)
+            times["work"] += (now := time.perf_counter()) - clock
+            encoded = pickle.loads(pickle.dumps(encoded, protocol=pickle.HIGHEST_PROTOCOL))
+            times["handoff"] += (clock := time.perf_counter()) - now
+            prepare_module._write_batch(writer, encoded, 0.01, progress)
+            tokens += len(encoded.ids)
+            times["write"] += (now := time.perf_counter()) - clock
+            clock = now
+    main_process = times["read"] + times["handoff"] + times["write"]
+    return {**{k: round(v, 2) for k, v in times.items()}, "tokens": tokens, "max_speedup": round((main_process + times["work"]) / main_process, 1),
+            "main_process_ceiling_tokens_per_s": round(tokens / main_process), "work_tokens_per_s_per_core": round(tokens / times["work"])}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=100, help="corpus size in MB of text")
@@ -77,9 +112,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--formats", nargs="+", default=["jsonl", "parquet"])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--stages", action="store_true", help="time the pipeline's stages on one core instead (where scaling stops)")
     args = parser.parse_args()
     directory = Path(args.dir) / f"{args.mb}mb"
     corpora = write_corpus(directory, args.mb)
+    if args.stages:
+        for fmt in args.formats:
+            print(json.dumps({"format": fmt, **stage_times(corpora[fmt]), "load": os.getloadavg()[0]}), flush=True)
+        return
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; corpus {args.mb} MB in {directory}", flush=True)
     results: dict[tuple[str, int], list[dict]] = {}
     for _ in range(args.rounds):

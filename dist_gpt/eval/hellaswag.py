@@ -43,7 +43,8 @@ SPLITS = {"val": 10042}  # the split the reproductions report, and its item coun
 NUM_ENDINGS = 4
 DEFAULT_BATCH_ITEMS = 4  # items per forward: 16 rows; GPT-2's logits for them are ~0.5 GB in fp32
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (rows, T) ids -> (rows, T, vocab) logits
+# (rows, T) ids, (rows, T) bool mask -> (N, vocab) logits at the masked positions: a GPT, or Strategy.eval_logits
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def cache_dir() -> Path:
@@ -136,8 +137,9 @@ def ending_losses(logits_fn: LogitsFn, items: Sequence[Item], block_size: int, v
     for item in items:
         for ending in item.endings:
             row = (item.context + ending)[-(block_size + 1) :]  # input row[:-1], targets row[1:]
+            scored_tokens = min(len(ending), len(row) - 1)  # the row's first token is never a target
             rows.append(row)
-            masks.append([0] * (len(row) - len(ending)) + [1] * len(ending))
+            masks.append([0] * (len(row) - scored_tokens) + [1] * scored_tokens)
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     scored = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -145,10 +147,11 @@ def ending_losses(logits_fn: LogitsFn, items: Sequence[Item], block_size: int, v
         ids[i, : len(row)] = torch.tensor(row)
         scored[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
     ids, scored = ids.to(device), scored.to(device)
-    logits = logits_fn(ids[:, :-1]).float()[..., :vocab_size]  # padded vocabulary rows are not tokens
-    losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     targets = scored[:, 1:]
-    summed = (losses * targets).sum(dim=1)
+    logits = logits_fn(ids[:, :-1], positions=targets)  # only the positions that predict an ending token (~1/3 of them)
+    losses = F.cross_entropy(logits[:, :vocab_size].float(), ids[:, 1:][targets], reduction="none")  # padded vocabulary rows are not tokens
+    row_of = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(targets)[targets]
+    summed = torch.zeros(len(rows), device=device).index_add_(0, row_of, losses)
     mean = summed / targets.sum(dim=1).clamp(min=1)
     return summed.view(-1, NUM_ENDINGS).double(), mean.view(-1, NUM_ENDINGS).double()
 

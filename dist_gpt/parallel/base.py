@@ -117,11 +117,12 @@ class Strategy(ABC):
         return loss.detach()
 
     @torch.no_grad()
-    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits without gradients (task evals such as HellaSwag); every rank must call it, as eval_loss."""
+    def eval_logits(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits at `positions` (a bool mask), without gradients (task evals such as HellaSwag); every
+        rank must call it, as eval_loss."""
         self.model.eval()
         with self.autocast():
-            logits = self.model(x)
+            logits = self.model(x, positions=positions)
         self.model.train()
         return logits
 
