@@ -48,7 +48,7 @@ print("LOGLIKELIHOODS " + json.dumps([[float(r[0][0]) for r in s["resps"]] for s
 
 
 def test_lm_eval_on_the_export_gets_our_log_likelihoods(tmp_path):
-    from dist_gpt.hf_export import export_hf
+    from dist_gpt.interop.hf_dir import export_hf
 
     items = [
         (["runs down the ladder.", "eats the roof.", "sings", "is, again, sitting"], 2),
