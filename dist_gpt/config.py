@@ -27,7 +27,6 @@ from dist_gpt.errors import UserError
 from dist_gpt.model import CUDA_ONLY_BACKENDS, PRESETS, GPTConfig
 
 DTYPES = ("fp32", "bf16", "fp16")  # train.dtype besides auto; runtime/precision.py maps them to torch dtypes
-EVAL_TASKS = ("hellaswag",)  # train.eval_tasks; each one a module in dist_gpt/eval/
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # parallel.strategy besides auto; one module each in parallel/
 
 
@@ -142,6 +141,7 @@ CHOICES = {
     ("parallel", "strategy"): ("auto", *STRATEGIES),
     ("parallel", "backend"): ("auto", "nccl", "gloo"),
     ("logging", "wandb"): ("off", "offline", "online"),
+    ("train", "eval_tasks"): ("hellaswag",),  # each item of the list; a task is a module of dist_gpt/eval/
 }
 
 
@@ -319,11 +319,11 @@ def _build_section(section: str, cls: type, values: dict):
 
 
 def _coerce(key: str, value, hint):
-    if typing.get_origin(hint) is list:  # a list of names; one name or "a,b" (a command-line override) reads as a list
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            raise UserError(f"{key} must be a list of names (e.g. [hellaswag]), got {value!r}")
-        return items
+    if typing.get_origin(hint) is list:  # names: a YAML list, or one name or "a,b" (a command-line override)
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return [v.strip() for v in items if v.strip()]
+        raise UserError(f"{key} must be a list of names (e.g. [hellaswag]), got {value!r}")
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if isinstance(value, bool) and bool not in allowed:
         raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")
@@ -349,13 +349,11 @@ def _type_names(kinds) -> str:
 
 def check(config: Config) -> None:
     """Every check that needs only the config. Raises UserError (one line, with the fix)."""
-    unknown_tasks = [task for task in config.train.eval_tasks if task not in EVAL_TASKS]
-    if unknown_tasks:
-        raise UserError(f"train.eval_tasks: unknown task {unknown_tasks[0]!r}: the tasks are {', '.join(EVAL_TASKS)}")
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(config, section), key)
-        if value not in choices:
-            raise UserError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
+        for item in value if isinstance(value, list) else [value]:  # a list (train.eval_tasks): each of its items
+            if item not in choices:
+                raise UserError(f"{section}.{key}={item!r} is not one of {', '.join(choices)}")
     try:
         config.model.gpt_config().check()
     except ValueError as e:
@@ -384,8 +382,7 @@ def check(config: Config) -> None:
         "checkpoint.remote_wait_minutes": config.checkpoint.remote_wait_minutes,
         "train.max_skipped_steps": t.max_skipped_steps,
         "data.max_tokens": config.data.max_tokens,
-        "train.eval_task_every": t.eval_task_every,
-        "train.eval_task_limit": t.eval_task_limit,
+        **{f"train.{key}": getattr(t, key) for key in ("eval_task_every", "eval_task_limit")},
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -19,7 +19,8 @@ class EvalTasks:
         t = config.train
         self.every, self.max_steps, self.env = t.eval_task_every, t.max_steps, env
         self.block_size, self.vocab_size = config.model.block_size, config.model.tokenizer_vocab_size
-        # config.check allows only the tasks of config.EVAL_TASKS (HellaSwag). Read (downloading if need be) before the first step: a missing file stops the run now, not hours in.
+        # config.check allows only the tasks in config.CHOICES (HellaSwag). Read (downloading if need be)
+        # before the first step: a missing file stops the run now, not hours in.
         self.items = {name: hellaswag.read_items(hellaswag.data_file(t.eval_task_data), t.eval_task_limit) for name in t.eval_tasks}
 
     def due(self, step: int) -> bool:
