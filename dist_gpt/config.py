@@ -41,12 +41,13 @@ class ModelSection(GPTConfig):
 
 @dataclass
 class DataSection:
-    dataset: str = "bible-es"  # bible-es | local files (path or glob of .txt/.jsonl/.parquet) | hf:NAME (a Hugging Face dataset)
+    dataset: str = "bible-es"  # bible-es | local files (path or glob of .txt/.jsonl/.parquet) | hf:NAME[:CONFIG] (a Hugging Face dataset, and its config name)
     dir: str = ""  # where train.bin / val.bin / meta.json live; default data/<dataset name>
     val_fraction: float = 0.01  # of documents, chosen deterministically
     text_field: str = "text"  # the column holding text in jsonl/parquet/HF data
     hf_split: str = "train"  # the split of an hf: dataset to read
     num_proc: int = 0  # tokenizer processes; 0 = one per core
+    max_tokens: int = 0  # stop preparing after this many tokens (train + val, whole documents); 0 = the whole dataset
 
 
 @dataclass
@@ -75,6 +76,10 @@ class TrainSection:
     run_name: str = ""  # default: the config's name; the run lives in out_dir/run_name
     time_limit: str | float = ""  # e.g. 3h30m, 90m, 2:30:00, or minutes: save and exit 0 before it ends (also $DIST_GPT_TIME_LIMIT)
     max_skipped_steps: int = 5  # stop (exit != 0) after this many non-finite steps in a row; 0 = never
+    eval_tasks: list[str] = field(default_factory=list)  # benchmarks scored during training: [] or [hellaswag]
+    eval_task_every: int = 0  # steps between task evals; 0 = only at the end
+    eval_task_limit: int = 0  # items per task eval (the first N of the file); 0 = all (HellaSwag: 10,042)
+    eval_task_data: str = ""  # a local copy of the task's file (hellaswag_val.jsonl); default: downloaded once into ~/.cache/dist_gpt
 
 
 @dataclass
@@ -136,6 +141,7 @@ CHOICES = {
     ("parallel", "strategy"): ("auto", *STRATEGIES),
     ("parallel", "backend"): ("auto", "nccl", "gloo"),
     ("logging", "wandb"): ("off", "offline", "online"),
+    ("train", "eval_tasks"): ("hellaswag",),  # each item of the list; a task is a module of dist_gpt/eval/
 }
 
 
@@ -313,6 +319,11 @@ def _build_section(section: str, cls: type, values: dict):
 
 
 def _coerce(key: str, value, hint):
+    if typing.get_origin(hint) is list:  # names: a YAML list, or one name or "a,b" (a command-line override)
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return [v.strip() for v in items if v.strip()]
+        raise UserError(f"{key} must be a list of names (e.g. [hellaswag]), got {value!r}")
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if isinstance(value, bool) and bool not in allowed:
         raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")
@@ -340,8 +351,9 @@ def check(config: Config) -> None:
     """Every check that needs only the config. Raises UserError (one line, with the fix)."""
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(config, section), key)
-        if value not in choices:
-            raise UserError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
+        for item in value if isinstance(value, list) else [value]:  # a list (train.eval_tasks): each of its items
+            if item not in choices:
+                raise UserError(f"{section}.{key}={item!r} is not one of {', '.join(choices)}")
     try:
         config.model.gpt_config().check()
     except ValueError as e:
@@ -369,6 +381,8 @@ def check(config: Config) -> None:
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
         "checkpoint.remote_wait_minutes": config.checkpoint.remote_wait_minutes,
         "train.max_skipped_steps": t.max_skipped_steps,
+        "data.max_tokens": config.data.max_tokens,
+        **{f"train.{key}": getattr(t, key) for key in ("eval_task_every", "eval_task_limit")},
     }
     for key, value in non_negative.items():
         if value < 0:

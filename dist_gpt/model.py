@@ -246,9 +246,11 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------------------------------- forward
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids. Returns the logits (B, T, vocab_size), or with targets the mean
-        cross-entropy (targets of -1 are ignored)."""
+        cross-entropy (targets of -1 are ignored). positions, a (B, T) bool mask: the logits of those
+        positions only, (N, vocab_size), sparing the output layer's work elsewhere (scoring a benchmark's
+        answers, where most positions are the question)."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
@@ -258,7 +260,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x)
-        return self.lm_head(self.ln_f(x), targets)
+        hidden = self.ln_f(x)
+        return self.lm_head(hidden if positions is None else hidden[positions], targets)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:

@@ -31,6 +31,8 @@ RUN_BY = {
     "python -m dist_gpt.plan --config gpt2-124m-owt --gpus 1 --gpu-memory-gb 24 model.preset=gpt2-xl": ["tests/test_plan.py::test_gpt2_xl_on_one_24gb_gpu_needs_offload"],
     "python -m dist_gpt.compare out/seed-bible-rope out/seed-bible-learned": ["tests/test_compare.py::test_compare_prints_the_table_and_the_differing_keys"],
     "python -m dist_gpt.plot out/seed-bible-rope out/seed-bible-learned --out rope-vs-learned.png": ["tests/test_compare.py::test_plot_overlays_several_runs"],
+    "python -m dist_gpt.evaluate out/bible-tiny --data hellaswag_val.jsonl --limit 1000": ["tests/test_hellaswag.py::test_evaluate_cli_on_an_export"],
+    "python launch/train.py --config bible-tiny train.eval_tasks=hellaswag train.eval_task_every=100 train.eval_task_limit=500": ["tests/test_hellaswag.py::test_in_the_loop_2_ranks_score_as_1_rank"],
     "python -m dist_gpt.doctor": ["tests/test_doctor.py::test_doctor_on_cpu_passes_every_check_and_reports_the_numbers"],
     "python -m dist_gpt.export s3://my-bucket/runs/bible-tiny --hf bible-tiny-hf": ["tests/test_remote_checkpoint.py::test_fresh_machine_resumes_from_the_remote_and_the_newer_copy_wins"],
     'python -m dist_gpt.sample --ckpt s3://my-bucket/runs/bible-tiny --prompt "En el principio"': ["tests/test_remote_checkpoint.py::test_fresh_machine_resumes_from_the_remote_and_the_newer_copy_wins"],
@@ -38,6 +40,8 @@ RUN_BY = {
 # README command -> why no test runs it on a CPU.
 OWT = "GPT-2 124M on OpenWebText: GPU work, and its data comes from the hub"
 SEED_BIBLE = "the seed's 42M model for 75M tokens: GPU work (tests/test_compare.py trains the same untied model, tiny)"
+FINEWEB = "GPT-2 124M on FineWeb-Edu: its data comes from the hub (tests/test_data_sources_hub.py: the preset's request, data.max_tokens on local files)"
+HELLASWAG_HUB = "downloads HellaSwag (no network here: tests/test_hellaswag.py downloads it from a server on 127.0.0.1 and scores local copies)"
 NOT_ON_CPU = {
     "bash launch/quickstart.sh": "installs system packages and a venv: its three dist_gpt commands are the quick start's, run here",
     "bash .ci/run": "CI's own command: it runs this test",
@@ -62,6 +66,12 @@ NOT_ON_CPU = {
     "python -m dist_gpt.prepare --config gpt2-finetune-bible": "fetches OpenAI's GPT-2 from the hub (tests/test_trainer.py fine-tunes a local GPT-2 directory)",
     "python launch/train.py --config gpt2-finetune-bible": "fetches OpenAI's GPT-2 from the hub (tests/test_trainer.py fine-tunes a local GPT-2 directory)",
     "python launch/train.py --config gpt2-finetune-bible model.init_from=/models/gpt2": "GPT-2 124M on the Bible: tests/test_trainer.py fine-tunes a tiny local GPT-2 directory the same way",
+    "python -m dist_gpt.prepare --config gpt2-124m-fineweb-edu": FINEWEB,
+    "python -m dist_gpt.prepare --config gpt2-124m-fineweb-edu --max-tokens 1000000000": FINEWEB,
+    "python launch/train.py --nproc_per_node=8 --config gpt2-124m-fineweb-edu": FINEWEB,
+    "python -m dist_gpt.evaluate out/bible-tiny --task hellaswag": HELLASWAG_HUB,
+    "python -m dist_gpt.evaluate gpt2 --task hellaswag": HELLASWAG_HUB + ", and OpenAI's GPT-2 from the Hub",
+    "lm_eval --model hf --model_args pretrained=bible-tiny-hf,dtype=float32 --tasks hellaswag --device cuda:0 --batch_size 16": "the harness fetches HellaSwag from the Hub (tests/test_lm_eval.py runs its Python API offline on an export, over a local task)",
     "python launch/train.py --config seed-bible-rope": SEED_BIBLE,
     "python launch/train.py --config seed-bible-learned": SEED_BIBLE,
     "python benchmarks/seed_rope_vs_learned.py": "six CPU runs, ~20 minutes: its result is docs/experiments.md (its parts, train/compare/plot, are tested)",

@@ -1,7 +1,8 @@
 """Tokenize a dataset into train.bin / val.bin (GPT-2 ids as uint16) plus meta.json.
 
-- Documents stream through in batches: each batch is tokenized by tiktoken's threads (which release the GIL)
-  while the next one is read, then appended to the .bin files. Memory stays flat whatever the dataset's size.
+- Documents stream through in batches: worker processes tokenize and hash them (one batch each, see
+  encode_pool) while this process reads the next ones, and the results are appended to the .bin files in
+  reading order. Memory stays flat whatever the dataset's size; the files are the same at any process count.
 - Every document is followed by the end-of-text token (50256), so the model sees where documents end.
 - The split is by document and by content: a document goes to val when a hash of its text falls below
   val_fraction. The same text always lands in the same split, whatever the order or the machine, and a
@@ -15,12 +16,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,12 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from dist_gpt.data.sources import Source, open_source
+from dist_gpt.data.encode_pool import TOKEN_DTYPE, EncodedBatch, encoded_batches, split_position  # noqa: F401 - split_position: the split rule, used by tests
 from dist_gpt.errors import UserError, read_json_file
-from dist_gpt.tokenizer import EOT_ID, encode_batch, gpt2_encoding
+from dist_gpt.tokenizer import EOT_ID, gpt2_encoding
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
-TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the disk of int32
 FORMAT_VERSION = 1
 BATCH_CHARS = 1 << 23  # ~8 MB of text per tokenizer call: enough work for every thread, little memory
 BATCH_DOCUMENTS = 8192
@@ -67,12 +66,18 @@ def prepare_dataset(
     hf_split: str = "train",
     num_proc: int = 0,
     force: bool = False,
+    max_tokens: int = 0,
 ) -> dict:
-    """Tokenize `dataset` (a spec, see dist_gpt.data.sources) into out_dir. Returns the meta dict."""
+    """Tokenize `dataset` (a spec, see dist_gpt.data.sources) into out_dir. Returns the meta dict.
+
+    max_tokens: stop after the document that brings train + val to this many tokens (0 = the whole dataset):
+    a sample of a dataset too large to take whole (FineWeb-Edu), made of its first whole documents."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.01)")
     if num_proc < 0:
         raise UserError(f"num_proc={num_proc} must be 0 (one per core) or more")
+    if max_tokens < 0:
+        raise UserError(f"max_tokens={max_tokens} must be 0 (the whole dataset) or more")
     start = time.perf_counter()  # the whole job counts: reading, hashing, loading the tokenizer, writing
     out_dir = Path(out_dir)
     source = open_source(dataset, text_field, hf_split)
@@ -84,6 +89,7 @@ def prepare_dataset(
         "val_fraction": val_fraction,
         "text_field": text_field,
         "hf_split": hf_split,
+        **({"max_tokens": max_tokens} if max_tokens else {}),  # absent when unlimited: older meta.json stay up to date
     }
     if not force and _is_up_to_date(out_dir, settings):
         meta = read_meta(out_dir)
@@ -92,9 +98,9 @@ def prepare_dataset(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)  # from here on the folder must not look prepared
-    threads = num_proc or available_cores()
+    processes = num_proc or available_cores()
     with SplitWriter(out_dir) as writer:
-        _tokenize_into(writer, source, val_fraction, threads)
+        _tokenize_into(writer, source, val_fraction, processes, max_tokens)
         writer.ensure_both_splits_have_text(dataset)
         writer.commit()
     seconds = time.perf_counter() - start
@@ -115,7 +121,7 @@ def prepare_dataset(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(total_tokens / seconds),
-        "num_threads": threads,
+        "num_processes": processes,
     }
     _write_atomically(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     print(
@@ -142,18 +148,13 @@ def _is_up_to_date(out_dir: Path, settings: dict) -> bool:
     return all(bin_path(out_dir, s).is_file() and bin_path(out_dir, s).stat().st_size == meta[f"{s}_tokens"] * itemsize for s in SPLITS)
 
 
-def _tokenize_into(writer: SplitWriter, source: Source, val_fraction: float, threads: int) -> None:
-    """Read batch i+1 while the tokenizer threads work on batch i."""
+def _tokenize_into(writer: SplitWriter, source: Source, val_fraction: float, processes: int, max_tokens: int = 0) -> None:
+    """Read the documents here while `processes` workers tokenize them (encode_pool); stop at max_tokens."""
     progress = tqdm(total=source.num_documents, unit="doc", desc="tokenizing", disable=None, dynamic_ncols=True)
-    with progress, ThreadPoolExecutor(max_workers=1) as encoder:
-        pending = None
-        for batch in _batches(source.documents()):
-            submitted = (batch, encoder.submit(encode_batch, batch, threads))
-            if pending:
-                _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress)
-            pending = submitted
-        if pending:
-            _write_batch(writer, pending[0], pending[1].result(), val_fraction, progress)
+    with progress:
+        for encoded in encoded_batches(_batches(source.documents()), processes):
+            if not _write_batch(writer, encoded, val_fraction, progress, max_tokens):
+                return  # leaving the generator stops the workers
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -170,24 +171,21 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _write_batch(writer: SplitWriter, texts: list[str], token_lists: list[list[int]], val_fraction: float, progress: tqdm) -> None:
-    by_split: dict[str, list[int]] = {split: [] for split in SPLITS}
-    for text, ids in zip(texts, token_lists):
-        position = split_position(text)
-        split = "val" if position < val_fraction else "train"
-        writer.note_document(split, position, start=writer.tokens[split] + len(by_split[split]), length=len(ids) + 1)
-        by_split[split] += ids
-        by_split[split].append(EOT_ID)
-    for split, ids in by_split.items():
-        writer.append(split, np.array(ids, dtype=TOKEN_DTYPE))
-    progress.update(len(texts))
+def _write_batch(writer: SplitWriter, encoded: EncodedBatch, val_fraction: float, progress: tqdm, max_tokens: int = 0) -> bool:
+    """Append a batch's documents to their splits. False once max_tokens is reached (the rest is dropped)."""
+    if max_tokens:
+        room = max_tokens - sum(writer.tokens.values())
+        reached = np.flatnonzero(np.cumsum(encoded.lengths) >= room)
+        if len(reached):
+            encoded = encoded.first(int(reached[0]) + 1)  # whole documents, up to the one that reaches the limit
+    is_val = encoded.positions < val_fraction
+    in_val = np.repeat(is_val, encoded.lengths)  # per token: does its document go to val?
+    for split, mine in (("train", ~is_val), ("val", is_val)):
+        writer.note_documents(split, encoded.positions[mine], encoded.lengths[mine])
+        writer.append(split, encoded.ids[in_val if split == "val" else ~in_val])
+    progress.update(len(encoded.lengths))
     progress.set_postfix(tokens=f"{sum(writer.tokens.values()):,}", refresh=False)
-
-
-def split_position(text: str) -> float:
-    """Where a document falls in [0, 1): a hash of its text, the same on every machine and in every run."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
+    return not max_tokens or sum(writer.tokens.values()) < max_tokens
 
 
 @dataclass
@@ -221,12 +219,17 @@ class SplitWriter:
         for path in self.tmp_paths.values():
             path.unlink(missing_ok=True)  # after a commit they are already renamed
 
-    def note_document(self, split: str, position: float, start: int, length: int) -> None:
-        self.documents[split] += 1
-        edge = self.edges[split]
-        # train's edge is its lowest position (nearest val), val's edge its highest (nearest train)
+    def note_documents(self, split: str, positions: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents about to be appended to `split` (before `append`): counted, and its edge kept."""
+        if not len(positions):
+            return
+        # train's edge is its lowest position (nearest val), val's edge its highest (nearest train); the first on a tie
+        i = int(np.argmin(positions) if split == "train" else np.argmax(positions))
+        edge, position = self.edges[split], float(positions[i])
         if edge is None or (position < edge.position if split == "train" else position > edge.position):
-            self.edges[split] = _Edge(position, start, length)
+            start = self.tokens[split] + int(lengths[:i].sum())
+            self.edges[split] = _Edge(position, start, int(lengths[i]))
+        self.documents[split] += len(positions)
 
     def append(self, split: str, ids: np.ndarray) -> None:
         ids.tofile(self.files[split])

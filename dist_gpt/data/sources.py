@@ -32,6 +32,8 @@ BIBLE_ES = "bible-es"
 HF_PREFIX = "hf:"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 HASH_CHUNK_BYTES = 1 << 24
+SCRIPT_REFUSAL = "Dataset scripts are no longer supported"  # datasets >= 4's RuntimeError for a loading script
+PARQUET_REVISION = "refs/convert/parquet"  # where the Hub keeps a dataset's automatic Parquet conversion
 
 
 @dataclass
@@ -189,7 +191,7 @@ def _hf_source(spec: str, text_field: str, hf_split: str) -> Source:
 
     def documents() -> Iterator[str]:
         dataset = _load_hf(name, config_name or None, hf_split)
-        for number, example in enumerate(dataset):
+        for number, example in enumerate(_hf_examples(dataset, name, config_name or None, hf_split)):
             if number == 0 and text_field not in example:
                 raise UserError(f"{spec}: no field {text_field!r} (it has: {', '.join(example)}): set data.text_field / --text-field")
             yield _checked_text(example[text_field], f"{spec} example {number}", text_field)
@@ -206,15 +208,43 @@ def _hf_source(spec: str, text_field: str, hf_split: str) -> Source:
 
 
 def _load_hf(name: str, config_name: str | None, split: str):
-    """Streaming: an OpenWebText-sized set is read and tokenized as it arrives, with no Arrow copy on disk."""
+    """Streaming: an OpenWebText-sized set is read and tokenized as it arrives, with no Arrow copy on disk.
+
+    datasets >= 4 refuses a dataset that holds a loading script (Skylion007/openwebtext has one) with a
+    RuntimeError; the Hub keeps a Parquet conversion of most datasets at the revision refs/convert/parquet,
+    which needs no script: we read that instead, and say so. Any failure is one line, never a traceback."""
     import datasets  # ~1 s to import: only when a hf: spec is used
-    from datasets.exceptions import DatasetsError
 
     try:
         return datasets.load_dataset(name, config_name, split=split, streaming=True)
-    except (OSError, ValueError, DatasetsError) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise UserError(
-            f"cannot load Hugging Face dataset {name!r} (split {split!r}): {reason}. It needs the Hub (network) or a local "
-            "dataset folder; offline, give local .txt/.jsonl/.parquet files instead"
-        ) from None
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (RuntimeError, OSError, ValueError, its own)
+        if SCRIPT_REFUSAL not in str(e):
+            raise _hf_error(name, config_name, split, e) from None
+    print(f"note: {name} is a dataset with a loading script, which datasets {datasets.__version__} no longer runs: reading its Parquet conversion (revision {PARQUET_REVISION}) instead", flush=True)
+    try:
+        return datasets.load_dataset(name, config_name, split=split, streaming=True, revision=PARQUET_REVISION)
+    except Exception as e:  # noqa: BLE001
+        raise _hf_error(name, config_name, split, e, f"nor its Parquet conversion ({PARQUET_REVISION})") from None
+
+
+def _hf_examples(dataset, name: str, config_name: str | None, split: str) -> Iterator[dict]:
+    """The examples of a streamed dataset; a failure while streaming (the network, a bad shard) is one line."""
+    examples = iter(dataset)
+    while True:
+        try:
+            example = next(examples)
+        except StopIteration:
+            return
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _hf_error(name, config_name, split, e, "while streaming it") from None
+        yield example
+
+
+def _hf_error(name: str, config_name: str | None, split: str, error: Exception, what: str = "") -> UserError:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return UserError(
+        f"cannot load Hugging Face dataset {name!r} ({f'config {config_name!r}, ' if config_name else ''}split {split!r}){' ' + what if what else ''}: {reason}. It needs the Hub (network) or a local "
+        "dataset folder; offline, give local .txt/.jsonl/.parquet files instead"
+    )

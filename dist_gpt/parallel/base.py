@@ -117,6 +117,16 @@ class Strategy(ABC):
         return loss.detach()
 
     @torch.no_grad()
+    def eval_logits(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits at `positions` (a bool mask), without gradients (task evals such as HellaSwag); every
+        rank must call it, as eval_loss."""
+        self.model.eval()
+        with self.autocast():
+            logits = self.model(x, positions=positions)
+        self.model.train()
+        return logits
+
+    @torch.no_grad()
     def local_weights_finite(self) -> bool:
         """Whether this rank's part of the weights (its FSDP or ZeRO-3 shard, else the whole model) is finite:
         asked before every checkpoint, so diverged weights are never written. The caller agrees over ranks."""

@@ -1,7 +1,8 @@
 """Runs side by side: `python -m dist_gpt.compare out/rope out/learned [RUN ...]`.
 
 Prints a Markdown table (paste it into a doc as it is): final and best val loss, steps, tokens, wall time,
-training throughput and parameters of each run, then the config keys whose values differ between the runs."""
+training throughput and parameters of each run (and the last benchmark score, e.g. HellaSwag acc_norm, of runs
+that had train.eval_tasks), then the config keys whose values differ between the runs."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def markdown_table(runs: list[Run]) -> str:
         ]
         for run in runs
     ]
+    for task in sorted({task for run in runs for task in run.tasks}):  # train.eval_tasks: the last score of each
+        header.append(f"{task} acc_norm")
+        for row, run in zip(rows, runs):
+            last = run.tasks.get(task, [])[-1:]
+            row.append(f"{100 * last[0].value:.2f}% ({last[0].step})" if last and last[0].value is not None else MISSING)
     text = _table(header, rows)
     differing = differing_keys(runs)
     if len(runs) > 1:

@@ -1,4 +1,5 @@
-"""Train and val loss of one run or several, overlaid, by step and by tokens seen:
+"""Train and val loss of one run or several, overlaid, by step and by tokens seen (and a third panel with the
+benchmark scores of runs that had train.eval_tasks, e.g. HellaSwag acc_norm by step):
 `python -m dist_gpt.plot out/bible-tiny` or `python -m dist_gpt.plot out/rope out/learned --out rope-vs-learned.png`."""
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install 'dist_gpt[plot]'") from None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    tasks = sorted({task for run in runs for task in run.tasks})
+    fig, axes = plt.subplots(1, 3 if tasks else 2, figsize=(18 if tasks else 12, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, x_key, label in ((axes[0], "step", "step"), (axes[1], "tokens", "tokens seen")):
+    if tasks:
+        _plot_tasks(axes[2], runs, tasks, colours)
+    for ax, x_key, label in ((axes[0], "step", "step"), (axes[1], "tokens", "tokens seen")):  # the loss panels
         for i, run in enumerate(runs):
             colour = colours[i % len(colours)]
             for points, style in ((run.train, dict(lw=0.8, alpha=0.5)), (run.val, dict(lw=2.0, marker="o", ms=3))):
@@ -44,6 +48,21 @@ def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _plot_tasks(ax, runs: list[Run], tasks: list[str], colours: list[str]) -> None:
+    """acc_norm (%) by step: a colour per run as in the loss panels, a line style per task; chance is 25 %."""
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        for j, task in enumerate(tasks):
+            points = run.tasks.get(task, [])
+            ys = [float("nan") if p.value is None else 100 * p.value for p in points]
+            ax.plot([p.step for p in points], ys, color=colours[i % len(colours)], ls=styles[j % len(styles)], marker="o", ms=3, label=f"{run.name} {task}")
+    ax.axhline(25.0, color="grey", lw=0.8, ls=":", label="chance (4 endings)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("acc_norm (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def _top_after_the_start(runs: list[Run]) -> float | None:

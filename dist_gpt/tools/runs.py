@@ -18,6 +18,8 @@ from pathlib import Path
 
 from dist_gpt.errors import UserError
 
+TASK_SCORE_SUFFIX = "_acc_norm"  # a benchmark's headline number in metrics.jsonl (hellaswag_acc_norm)
+
 
 @dataclass(frozen=True)
 class Point:
@@ -32,6 +34,7 @@ class Run:
     path: Path
     train: list[Point] = field(default_factory=list)
     val: list[Point] = field(default_factory=list)
+    tasks: dict[str, list[Point]] = field(default_factory=dict)  # "hellaswag" -> its acc_norm by step (train.eval_tasks)
     config: dict | None = None  # Config.to_dict() of the last process that trained it
     params: int | None = None
     wall_s: float | None = None  # summed over the processes that finished
@@ -87,6 +90,8 @@ def read_run(run_dir: str | Path, name: str | None = None) -> Run:
     run_dir = Path(run_dir)
     records = read_records(run_dir)
     run = Run(name or run_dir.name, run_dir, last_per_step(records, "loss"), last_per_step(records, "val_loss"))
+    task_keys = sorted({key for r in records for key in r if key.endswith(TASK_SCORE_SUFFIX)})
+    run.tasks = {key.removesuffix(TASK_SCORE_SUFFIX): last_per_step(records, key) for key in task_keys}
     starts = [r["run_start"] for r in records if isinstance(r.get("run_start"), dict)]
     summaries = [r["summary"] for r in records if isinstance(r.get("summary"), dict)]
     if starts:

@@ -18,6 +18,7 @@ from dist_gpt.engine.schedule import CosineSchedule
 from dist_gpt.engine.step import train_step
 from dist_gpt.engine.step_guard import DivergenceGuard
 from dist_gpt.errors import UserError
+from dist_gpt.eval.tasks import EvalTasks, format_scores
 from dist_gpt.eval.val_loss import evaluate
 from dist_gpt.parallel import BatchShape
 from dist_gpt.runtime.distributed import DistEnv, all_reduce_mean, destroy_distributed, init_distributed
@@ -129,6 +130,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     train_loss = val_loss = None
     stop_reason = None
     guard = DivergenceGuard(t.max_skipped_steps)
+    tasks = EvalTasks(config, env)  # train.eval_tasks (HellaSwag), read before the first step
     with checkpointer.stop_signals():
         while state.step < t.max_steps:
             step_start = time.perf_counter()
@@ -172,6 +174,9 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                 if budget:
                     budget.record_eval(time.perf_counter() - eval_start)
                 metrics.log({"step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss}, console=f"step {state.step:6d} | val loss {val_loss:.4f}")
+            if tasks.due(state.step):
+                scores = tasks.run(strategy)
+                metrics.log({"step": state.step, "tokens": state.tokens_seen, **scores}, console=format_scores(state.step, scores))
             if budget and state.step < t.max_steps:
                 next_eval = bool(t.eval_every and (state.step + 1) % t.eval_every == 0) or state.step + 1 == t.max_steps
                 checkpointer.stop.request(budget.stop_reason(next_eval, checkpointer.seconds_to_save()))
