@@ -388,6 +388,9 @@ def check(config: Config) -> None:
         if value < 0:
             raise UserError(f"{key}={value} must not be negative")
     parse_time_limit(t.time_limit)
+    if 0 < t.lr_decay_steps < t.warmup_steps:
+        # The cosine would start after it ended: warmup to the full lr, then straight down to min_lr.
+        raise UserError(f"train.lr_decay_steps={t.lr_decay_steps} ends the decay before train.warmup_steps={t.warmup_steps} end the warmup: set lr_decay_steps >= warmup_steps (or 0 = max_steps)")
     if not 0 < t.lr or not 0 <= t.min_lr <= t.lr:
         raise UserError(f"need 0 < train.lr and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     if not 0.0 < config.data.val_fraction < 1.0:

@@ -14,7 +14,7 @@ from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
 from dist_gpt.data.check import check_prepared_data
 from dist_gpt.engine.build import build, seed_everything
-from dist_gpt.engine.schedule import CosineSchedule
+from dist_gpt.engine.schedule import CosineSchedule, schedule_notice
 from dist_gpt.engine.step import train_step
 from dist_gpt.engine.step_guard import DivergenceGuard
 from dist_gpt.errors import UserError
@@ -106,9 +106,9 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         eval_in_steps = math.ceil(t.eval_batches / env.world_size) / grad_accum
         budget = TimeBudget(limit_seconds, limit_source, 12 * built.params, eval_in_steps)  # fp32 weights + AdamW's 2 moments
     if env.is_main:
-        notice = dtype_notice(env.compute_dtype, env.device.type)
-        if notice:
-            print(notice, flush=True)
+        for notice in (dtype_notice(env.compute_dtype, env.device.type), schedule_notice(t.warmup_steps, t.max_steps)):
+            if notice:
+                print(notice, flush=True)
         precision = dtype_name(env.compute_dtype) + (" + loss scaling" if env.compute_dtype == torch.float16 else "")
         print(
             f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {precision} | compile {'per block' if built.compiled else 'off'} | "
