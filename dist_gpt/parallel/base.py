@@ -252,9 +252,9 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     return norm.detach()
 
 
-def ensure_process_group(env: DistEnv, backend: str = "auto") -> None:
+def ensure_process_group(env: DistEnv, backend: str = "auto", cpu_tensors: bool = False) -> None:
     """Wrappers that need a process group (DDP, FSDP, DeepSpeed) get a group of one when launched as a single
     process: init_distributed only joins a group when WORLD_SIZE > 1. An in-memory store: nothing to listen on."""
     if dist.is_initialized():
         return
-    dist.init_process_group(backend=pick_backend(backend, env.device), store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend=pick_backend(backend, env.device, cpu_tensors), store=dist.HashStore(), rank=0, world_size=1)

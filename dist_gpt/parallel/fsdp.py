@@ -34,7 +34,7 @@ class FSDPStrategy(SingleDevice):
                 f"model.vocab_size={vocab} is not divisible by the world size {world}: FSDP shards the embedding's "
                 f"rows evenly; use the padded vocabulary (model.vocab_size=50304, a multiple of 64) or a world size dividing {vocab}"
             )
-        ensure_process_group(self.env, self.config.parallel.backend)
+        ensure_process_group(self.env, self.config.parallel.backend, cpu_tensors=self.config.parallel.fsdp_cpu_offload)
         if world == 1 and self.env.is_main:
             print("fsdp on a world of 1 process: parameters are not sharded (each shard is the whole tensor); launch with torchrun --nproc_per_node=N to shard", flush=True)
         p = self.config.parallel

@@ -53,7 +53,7 @@ def train(config: Config, env: DistEnv | None = None, micro_batch_size: int | No
     and leaves the group at the end; with env, the caller has done both."""
     if env is not None:
         return _train(config, env, micro_batch_size)
-    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
+    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend, cpu_tensors=config.parallel.fsdp_cpu_offload)
     try:
         with enter_run(config, env):
             return _train(config, env, micro_batch_size)

@@ -14,7 +14,7 @@ from dist_gpt.train import loop as trainer
 
 def run_training(config: Config) -> dict:
     """Train (or resume) the run `config` describes; returns the trainer's summary."""
-    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
+    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend, cpu_tensors=config.parallel.fsdp_cpu_offload)
     try:
         with trainer.enter_run(config, env):  # before the autotuner: bad data or a busy run directory cost nothing
             return trainer.train(config, env, resolve_micro_batch_size(config, env))
