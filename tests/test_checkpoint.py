@@ -404,8 +404,8 @@ def test_a_checkpoint_holds_the_tied_embedding_once(tmp_path):
     """fp32 weights + AdamW's two moments are 12 bytes a parameter; the tied wte/lm_head matrix is one parameter
     and must be written once (a state dict names it twice). A vocabulary-heavy model makes a second copy show:
     +33 % here. Loaded back, lm_head is wte again (tied), and the weights are the saved ones."""
-    from dist_gpt.build import build
-    from dist_gpt.distributed import DistEnv
+    from dist_gpt.engine.build import build
+    from dist_gpt.runtime.distributed import DistEnv
     from dist_gpt.parallel.base import BatchShape
 
     config = load_config("bible-tiny", ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16", "model.vocab_size=4096",

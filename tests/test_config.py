@@ -140,7 +140,7 @@ def test_each_entry_point_prints_its_config_and_says_how(command, capsys, monkey
 def test_a_run_shorter_than_its_warmup_is_said_not_silent():
     """max_steps < warmup_steps never reaches the peak lr: said in one line at the start (a preset's smoke test
     with train.max_steps=2 stays allowed); lr_decay_steps < warmup_steps is refused (above)."""
-    from dist_gpt.schedule import schedule_notice
+    from dist_gpt.engine.schedule import schedule_notice
 
     assert "ends during the warmup, at 10% of the peak lr" in schedule_notice(warmup_steps=20, max_steps=2)
     assert schedule_notice(warmup_steps=20, max_steps=20) is None
