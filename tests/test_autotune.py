@@ -453,3 +453,22 @@ def test_cuda_out_of_memory_is_caught_and_cleaned_up():
     assert not fits.oom and 0 < fits.peak_bytes < 8 * memory.GB
     search = search_largest(runner, 8 * memory.GB * 0.92, 64, 256)
     assert 1 <= search.largest < 64 and torch.cuda.memory_allocated() == 0
+
+
+def test_the_logged_peak_is_trainings_not_the_autotuners(monkeypatch):
+    """On CUDA the trials run in this process (OOM attempts too): their peak must not become every log line's.
+    Here a stand-in tuner touches 400 MB and frees it, as an in-process trial does; after the micro-batch is
+    resolved the process's peak (the resident high-water mark on CPU) is back near what it holds now."""
+    import dist_gpt.autotune as autotune
+    from dist_gpt.runtime.metrics import memory_stats
+    from dist_gpt.train.run import resolve_micro_batch_size
+
+    def trials(config, env, strategy_name):
+        torch.ones(100 * 2**20).sum()  # 400 MB, freed on return
+        return 4
+
+    monkeypatch.setattr(autotune, "autotune_for_training", trials)
+    config = from_dict({"train": {"micro_batch_size": "auto", "device": "cpu"}})
+    before = memory_stats(torch.device("cpu"))["mem_rss_mb"]
+    assert resolve_micro_batch_size(config, DistEnv()) == 4
+    assert memory_stats(torch.device("cpu"))["mem_peak_rss_mb"] < before + 200

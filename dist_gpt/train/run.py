@@ -9,6 +9,7 @@ from __future__ import annotations
 from dist_gpt.config import Config
 from dist_gpt.parallel import check_strategy
 from dist_gpt.runtime.distributed import DistEnv, destroy_distributed, init_distributed
+from dist_gpt.runtime.metrics import reset_peak_memory
 from dist_gpt.train import loop as trainer
 
 
@@ -29,4 +30,8 @@ def resolve_micro_batch_size(config: Config, env: DistEnv) -> int:
         return int(config.train.micro_batch_size)
     from dist_gpt.autotune import autotune_for_training  # the autotuner's imports (subprocess trials...) only when used
 
-    return autotune_for_training(config, env, strategy_name)
+    micro_batch = autotune_for_training(config, env, strategy_name)
+    # In-process trials (on CUDA; OOM attempts included) raised this process's peak: every log line would show
+    # the trials' peak instead of training's.
+    reset_peak_memory(env.device)
+    return micro_batch
