@@ -472,3 +472,27 @@ def test_the_logged_peak_is_trainings_not_the_autotuners(monkeypatch):
     before = memory_stats(torch.device("cpu"))["mem_rss_mb"]
     assert resolve_micro_batch_size(config, DistEnv()) == 4
     assert memory_stats(torch.device("cpu"))["mem_peak_rss_mb"] < before + 200
+
+
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_a_trial_builds_what_training_builds(monkeypatch, setting):
+    """The trials size training: they keep train.compile (auto decides the same way for both) and, on CUDA, run
+    fp32 matmuls in TF32 as training does (a subprocess trial never passes through init_distributed)."""
+    from dist_gpt.autotune import measure
+
+    class Built(Exception):
+        pass
+
+    def build(config, env, batch):
+        raise Built(config.train.compile, torch.get_float32_matmul_precision())
+
+    monkeypatch.setattr(measure, "build", build)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        config = from_dict({"train": {"compile": setting}})
+        with pytest.raises(Built) as built:
+            measure._timed_steps(config, DistEnv(device=torch.device("cuda")), 2, 1, 1)  # a CUDA run's trial, built no further
+        assert built.value.args == (setting, "high")
+    finally:
+        torch.set_float32_matmul_precision(before)
