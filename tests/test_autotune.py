@@ -496,3 +496,50 @@ def test_a_trial_builds_what_training_builds(monkeypatch, setting):
         assert built.value.args == (setting, "high")
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def _fsdp_gradients_between_micro_batches(rank: int, world: int, store_path: str, results) -> None:
+    import torch.distributed as dist
+
+    from dist_gpt.config import load_config
+    from dist_gpt.engine.build import make_optimizer_factory
+    from dist_gpt.parallel import BatchShape, build_strategy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        config = load_config("bible-tiny", ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=16", "model.vocab_size=256",
+                                            "model.tokenizer_vocab_size=256", "train.device=cpu", "train.dtype=fp32", "parallel.strategy=fsdp"])
+        env = DistEnv(rank=rank, world_size=world)
+        strategy = build_strategy(config, env)
+        torch.manual_seed(0)
+        strategy.wrap(GPT(config.model.gpt_config()), make_optimizer_factory(config, env.device), BatchShape(2, 2))
+        x = torch.randint(256, (2, 16))
+        strategy.forward_backward(x, x, 0.5, sync_grads=False)  # the first of two micro-batches
+        held = sum(p.grad.to_local().numel() * p.grad.element_size() for p in strategy.model.parameters() if p.grad is not None)
+        results.put((rank, held, GPT(config.model.gpt_config()).num_params(non_embedding=False), config.model.gpt_config()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_keeps_gradients_sharded_through_accumulation_as_the_memory_model_counts(tmp_path):
+    """Between micro-batches each FSDP rank holds its fp32 gradient shard (4P/world bytes), what the memory
+    model's gradient term says. Without a reduce-scatter per micro-batch FSDP2 held them unsharded (4P) inside
+    its own buffers instead (and no .grad yet): the prediction was optimistic by a factor of the world size."""
+    import multiprocessing as mp
+
+    from dist_gpt.autotune.memory import predict
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    procs = [context.Process(target=_fsdp_gradients_between_micro_batches, args=(r, 2, str(tmp_path / "store"), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    outcomes = [results.get() for _ in procs]
+    gpt_config = outcomes[0][3]
+    predicted = predict(gpt_config, 2, "fsdp", world_size=2, dtype="fp32", device="cpu", grad_accum=2).gradients
+    for rank, held, params, _ in outcomes:
+        assert held == 4 * params // 2 == predicted, (rank, held, params, predicted)
