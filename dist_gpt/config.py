@@ -69,7 +69,7 @@ class TrainSection:
     eval_batches: int = 10  # micro-batches of validation windows per eval
     seed: int = 1337  # weights, data order and dropout
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
-    dtype: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + loss scaling on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto (bf16 on GPUs and CPUs with native bf16, fp16 + loss scaling on older GPUs, fp32 on other CPUs) | fp32 | bf16 | fp16
     peak_tflops: float = 0.0  # MFU's yardstick per device; 0 = the GPU's data sheet, or on CPU measured once per machine
     compile: bool | str = "auto"  # torch.compile each block (faster steps after a one-off compile): auto (on for CUDA, off elsewhere) | true | false
     out_dir: str = "out"  # runs live in out_dir/run_name

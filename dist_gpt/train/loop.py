@@ -23,7 +23,7 @@ from dist_gpt.eval.val_loss import evaluate
 from dist_gpt.parallel import BatchShape
 from dist_gpt.runtime.distributed import DistEnv, all_reduce_mean, destroy_distributed, init_distributed
 from dist_gpt.runtime.metrics import MetricsLogger, device_peak
-from dist_gpt.runtime.precision import dtype_name, dtype_notice
+from dist_gpt.runtime.precision import dtype_description, dtype_name, dtype_notice
 from dist_gpt.train.run_lock import hold_run_dir
 from dist_gpt.train.time_budget import TimeBudget, effective_time_limit, seconds_left
 
@@ -109,7 +109,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         for notice in (dtype_notice(env.compute_dtype, env.device.type), schedule_notice(t.warmup_steps, t.max_steps)):
             if notice:
                 print(notice, flush=True)
-        precision = dtype_name(env.compute_dtype) + (" + loss scaling" if env.compute_dtype == torch.float16 else "")
+        precision = dtype_description(t.dtype, env.compute_dtype, env.device.type)
         print(
             f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {precision} | compile {'per block' if built.compiled else 'off'} | "
             f"{built.params / 1e6:.2f}M params | micro-batch {micro_batch} x grad-accum {grad_accum} x world {env.world_size} "
