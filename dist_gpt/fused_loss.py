@@ -61,9 +61,10 @@ def linear_cross_entropy(
     # Decided here, not inside forward: there autograd is always off and needs_input_grad ignores no_grad().
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     grad_enabled = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(
-        hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
-    )
+    with torch.profiler.record_function("linear_cross_entropy"):  # a named range in profiles (benchmarks/loss_share.py)
+        return _LinearCrossEntropy.apply(
+            hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+        )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
