@@ -177,7 +177,7 @@ def test_two_ranks_on_cpu_when_one_runs_out(tmp_path):
         port = s.getsockname()[1]
     model = ["model.n_layer=2", "model.n_head=2", "model.n_embd=128", "model.block_size=128", "model.vocab_size=4096", "model.tokenizer_vocab_size=4096"]
     command = [sys.executable, "-m", "dist_gpt.autotune_batch", "--config", "bible-tiny", "--strategy", "ddp", "--memory-budget-gb", "2",
-               "--trial-steps", "2", "train.device=cpu", "train.global_batch_size=128", *model]
+               "--trial-steps", "2", "train.device=cpu", "train.dtype=fp32", "train.global_batch_size=128", *model]
     common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", DIST_GPT_CACHE=str(tmp_path))
     ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=subprocess_env(**common, RANK=str(r), LOCAL_RANK=str(r), **({"DIST_GPT_TRIAL_DATA_LIMIT_MB": "470"} if r else {})))
