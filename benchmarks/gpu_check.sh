@@ -104,7 +104,7 @@ record "fp16 vs $HALF" $(( rc_fp16 | rc_half )) dtypes "$WORK/runs/fp16" "$WORK/
 section "FSDP + CPU offload on one GPU, $SHORT_STEPS steps"
 # The offloaded gradient shards are CPU tensors: the group needs gloo beside NCCL (cpu:gloo,cuda:nccl).
 train fsdp_offload parallel.strategy=fsdp parallel.fsdp_cpu_offload=true "train.dtype=$HALF" train.compile=false \
-    "train.max_steps=$SHORT_STEPS" "train.global_batch_size=$DTYPE_BATCH" train.warmup_steps=1
+    "train.max_steps=$SHORT_STEPS" "train.global_batch_size=$DTYPE_BATCH" train.warmup_steps=1 logging.log_every=1
 record "fsdp + cpu offload" $? ran "$WORK/runs/fsdp_offload"
 
 section "DeepSpeed ZeRO-2 bf16, $SHORT_STEPS steps"
@@ -120,7 +120,7 @@ fi
 if [[ -n $ds_ready ]]; then
     # data_types.grad_accum_dtype is filled with fp32 for ZeRO-1/2: micro-batch gradients are summed in fp32.
     train zero2 parallel.ds_config=ds_configs/zero2.json train.dtype=bf16 train.compile=false \
-        "train.max_steps=$SHORT_STEPS" "train.global_batch_size=$DTYPE_BATCH" train.warmup_steps=1
+        "train.max_steps=$SHORT_STEPS" "train.global_batch_size=$DTYPE_BATCH" train.warmup_steps=1 logging.log_every=1
     record "deepspeed zero2 bf16" $? ran "$WORK/runs/zero2"
 else
     row "deepspeed zero2 bf16" skip "$ds_why"
