@@ -118,7 +118,7 @@ else
     ds_why="deepspeed is not installed and .whl/ holds no deepspeed wheel (pip download deepspeed -d .whl where there is a network, carry .whl)"
 fi
 if [[ -n $ds_ready ]]; then
-    # data_types.grad_accum_dtype is filled with fp32 for ZeRO-1/2: micro-batch gradients are summed in fp32.
+    # data_types.grad_accum_dtype is filled with fp32 for ZeRO-1/2/3: micro-batch gradients are summed in fp32.
     train zero2 parallel.ds_config=ds_configs/zero2.json train.dtype=bf16 train.compile=false \
         "train.max_steps=$SHORT_STEPS" "train.global_batch_size=$DTYPE_BATCH" train.warmup_steps=1 logging.log_every=1
     record "deepspeed zero2 bf16" $? ran "$WORK/runs/zero2"

@@ -286,10 +286,10 @@ def test_bf16_auto_follows_the_run_dtype():
     assert resolve({}, dtype=torch.bfloat16)["bf16"]["enabled"] is True  # absent = auto: never silently fp32
 
 
-@pytest.mark.parametrize("name, accum", [("zero0", "bf16"), ("zero1", "fp32"), ("zero2", "fp32"), ("zero3", "bf16")])
+@pytest.mark.parametrize("name, accum", [("zero0", "bf16"), ("zero1", "fp32"), ("zero2", "fp32"), ("zero3", "fp32"), ("zero3-offload", "fp32")])
 def test_deepspeed_sums_bf16_micro_batch_gradients_in_fp32_where_it_can(name, accum):
     """DDP and FSDP accumulate in fp32; DeepSpeed without data_types.grad_accum_dtype uses the model's bf16.
-    ZeRO-1/2 take fp32; stage 0 refuses the mix and ZeRO-3 ignores it (they keep bf16, as documented)."""
+    ZeRO-1/2/3 take fp32; stage 0 refuses the mix (it keeps bf16, as documented)."""
     ds = resolve(load_ds_config(str(REPO / "ds_configs" / f"{name}.json")), dtype=torch.bfloat16)
     assert ds["data_types"]["grad_accum_dtype"] == accum
     assert resolve({"zero_optimization": {"stage": 2}}, dtype=torch.bfloat16)["data_types"]["grad_accum_dtype"] == "fp32"  # absent = auto

@@ -10,7 +10,7 @@ The precision policy, the same for every strategy in bf16 or fp16 ("mixed precis
 - the matmuls (attention, MLP, the output layer) run in the 16-bit dtype;
 - the master weights, AdamW's moments and the optimizer step are fp32;
 - gradients are reduced over ranks and summed over micro-batches in fp32 (DDP's fp32 .grad, FSDP's
-  reduce_dtype, DeepSpeed ZeRO-1/2's data_types.grad_accum_dtype; ZeRO-0/3 keep DeepSpeed's own choice);
+  reduce_dtype, DeepSpeed ZeRO-1/2/3's data_types.grad_accum_dtype; ZeRO-0 keeps the model's dtype);
 - softmax, the loss and the fused loss's weight-gradient sum are fp32.
 What differs is the activations between the matmuls: autocast (single, DDP) keeps the residual stream, the
 LayerNorm outputs and the loss's input fp32; FSDP's MixedPrecisionPolicy and DeepSpeed's bf16 cast the
