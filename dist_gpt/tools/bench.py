@@ -34,8 +34,8 @@ from dist_gpt.errors import UserError, cli, run_worker_entry_point
 from dist_gpt.parallel import BatchShape
 from dist_gpt.runtime import malloc as runtime
 from dist_gpt.runtime.distributed import DistEnv, destroy_distributed, init_distributed, pick_dtype
-from dist_gpt.runtime.precision import dtype_name
 from dist_gpt.runtime.metrics import PeakFlops, device_peak, synchronize
+from dist_gpt.runtime.precision import dtype_name
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
