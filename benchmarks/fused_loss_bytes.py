@@ -21,7 +21,6 @@ from torch.utils._pytree import tree_flatten
 
 from dist_gpt.fused_loss import linear_cross_entropy
 
-
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "zeros", "zeros_like", "new_empty", "new_zeros"}
 SPARSE = {"gather", "index", "index_put_", "index_put", "scatter", "scatter_", "scatter_add_", "index_select"}
 

@@ -459,7 +459,7 @@ def test_the_logged_peak_is_trainings_not_the_autotuners(monkeypatch):
     """On CUDA the trials run in this process (OOM attempts too): their peak must not become every log line's.
     Here a stand-in tuner touches 400 MB and frees it, as an in-process trial does; after the micro-batch is
     resolved the process's peak (the resident high-water mark on CPU) is back near what it holds now."""
-    import dist_gpt.autotune as autotune
+    from dist_gpt import autotune
     from dist_gpt.runtime.metrics import memory_stats
     from dist_gpt.train.run import resolve_micro_batch_size
 
