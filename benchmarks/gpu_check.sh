@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU acceptance check: one table, in about 4 minutes on one H100/H200.
+# The GPU acceptance check: one table, in at most 5 minutes on one H100/H200.
 #
 #   bash benchmarks/gpu_check.sh                  on a GPU machine (any directory; it finds the repository)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run    every section tiny and on CPU: checks the script's plumbing
@@ -12,7 +12,11 @@
 #   cuda tests  pytest -m cuda (the CUDA-marked tests)
 #   trainer     torchrun --nproc_per_node=1 launch/train.py --config gpt2-124m-owt, 30 steps: its log line's tok/s, MFU
 #   fp16/bf16   train.dtype=fp16 forced against bf16, 50 steps each (eager): both finite, losses within 1 %
+#   fsdp offload  parallel.strategy=fsdp parallel.fsdp_cpu_offload=true on one GPU (a NCCL-only group crashed at step 1)
+#   deepspeed   ZeRO-2 bf16 (fp32 gradient accumulation) on one GPU: deepspeed from wheels in .whl/ if present, else
+#               the installed one, else skipped with the reason
 #   autotune    train.micro_batch_size=auto with a 24 GB budget (an L4): the chosen size's peak as % of 24 GB
+#   loss share  benchmarks/loss_share.py: eager vs compiled ms/step and the chunked loss's share (torch.profiler)
 #   compile     dist_gpt.tools.bench --compare compile off / on (when time is left)
 set -uo pipefail
 
@@ -33,6 +37,7 @@ if [[ "${1:-}" == "--cpu-dry-run" ]]; then
     TOKENS=200000 VOCAB=256
     OWT_STEPS=3 OWT_BATCH=8      # global batch: grad-accum 2
     DTYPE_STEPS=8 DTYPE_BATCH=8
+    SHORT_STEPS=3                # the runs that only have to work (offload, DeepSpeed)
     BUDGET_GB=2                  # of RAM, for a tiny model
     LIMIT=300                    # seconds per section
 else
@@ -42,6 +47,7 @@ else
     TOKENS=4000000 VOCAB=50257
     OWT_STEPS=30 OWT_BATCH=480   # the preset's own global batch: micro-batch 12 x grad-accum 40
     DTYPE_STEPS=50 DTYPE_BATCH=48
+    SHORT_STEPS=5
     BUDGET_GB=24
     LIMIT=240
 fi
@@ -95,10 +101,42 @@ train fp16 train.dtype=fp16 "${common[@]}"; rc_fp16=$?
 train "$HALF" "train.dtype=$HALF" "${common[@]}"; rc_half=$?
 record "fp16 vs $HALF" $(( rc_fp16 | rc_half )) dtypes "$WORK/runs/fp16" "$WORK/runs/$HALF"
 
+section "FSDP + CPU offload on one GPU, $SHORT_STEPS steps"
+# The offloaded gradient shards are CPU tensors: the group needs gloo beside NCCL (cpu:gloo,cuda:nccl).
+train fsdp_offload parallel.strategy=fsdp parallel.fsdp_cpu_offload=true "train.dtype=$HALF" train.compile=false \
+    "train.max_steps=$SHORT_STEPS" "train.global_batch_size=$DTYPE_BATCH" train.warmup_steps=1 logging.log_every=1
+record "fsdp + cpu offload" $? ran "$WORK/runs/fsdp_offload"
+
+section "DeepSpeed ZeRO-2 bf16, $SHORT_STEPS steps"
+ds_ready="" ds_why=""
+if ls "$REPO"/.whl/deepspeed-*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --find-links "$REPO/.whl" deepspeed >"$WORK/ds_install.log" 2>&1 && ds_ready=1 \
+        || ds_why="pip install from .whl/ failed: $(tail -n 1 "$WORK/ds_install.log")"
+elif "$PYTHON" -c "import deepspeed" >/dev/null 2>&1; then
+    ds_ready=1
+else
+    ds_why="deepspeed is not installed and .whl/ holds no deepspeed wheel (pip download deepspeed -d .whl where there is a network, carry .whl)"
+fi
+if [[ -n $ds_ready ]]; then
+    # data_types.grad_accum_dtype is filled with fp32 for ZeRO-1/2/3: micro-batch gradients are summed in fp32.
+    train zero2 parallel.ds_config=ds_configs/zero2.json train.dtype=bf16 train.compile=false \
+        "train.max_steps=$SHORT_STEPS" "train.global_batch_size=$DTYPE_BATCH" train.warmup_steps=1 logging.log_every=1
+    record "deepspeed zero2 bf16" $? ran "$WORK/runs/zero2"
+else
+    row "deepspeed zero2 bf16" skip "$ds_why"
+fi
+
 section "micro_batch_size=auto, ${BUDGET_GB} GB budget"
-# Eager, as the autotuner's trials are: the training peak then measures what the tuner chose for.
+# The trials build what training builds (train.compile as set): eager here to fit the check's time.
 train autotune train.micro_batch_size=auto "train.memory_budget_gb=$BUDGET_GB" train.max_steps=2 logging.log_every=1 "train.global_batch_size=$OWT_BATCH" train.compile=false
 record "autotune ${BUDGET_GB} GB" $? autotune "$WORK/runs/autotune" "$BUDGET_GB"
+
+section "the loss's share of a step, eager vs compiled (torch.profiler)"
+run_limited "$PYTHON" benchmarks/loss_share.py --config gpt2-124m-owt --steps 5 --warmup 3 $SHAPE "train.dtype=$HALF" \
+    >"$WORK/loss_share.json" 2>"$WORK/loss_share.err"
+rc=$?
+[[ $rc -ne 0 ]] && tail -n 5 "$WORK/loss_share.err"
+record "loss share" $rc loss_share "$WORK/loss_share.json"
 
 section "compile off vs on (bench)"
 if (( SECONDS - START < 200 )) || [[ $MODE == cpu ]]; then

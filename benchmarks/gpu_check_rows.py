@@ -6,6 +6,8 @@
     python benchmarks/gpu_check_rows.py dtypes FP16_RUN_DIR OTHER_RUN_DIR
     python benchmarks/gpu_check_rows.py autotune RUN_DIR BUDGET_GB
     python benchmarks/gpu_check_rows.py bench BENCH.json
+    python benchmarks/gpu_check_rows.py ran RUN_DIR
+    python benchmarks/gpu_check_rows.py loss_share LOSS_SHARE.json
     python benchmarks/gpu_check_rows.py device
 """
 
@@ -104,6 +106,24 @@ def bench(path: str) -> tuple[str, str]:
     results = json.loads(Path(path).read_text())["results"]
     off, on = results
     return "info", f"off {off['tokens_per_s']:,.0f} tok/s (MFU {100 * off['mfu']:.1f} %), on {on['tokens_per_s']:,.0f} tok/s (MFU {100 * on['mfu']:.1f} %): x{on['ratio_to_first']:.2f}"
+
+
+def ran(run_dir: str) -> tuple[str, str]:
+    """A run that must simply work (FSDP with CPU offload, DeepSpeed ZeRO-2): every step's loss finite."""
+    logged = steps(run_dir)
+    s = summary(run_dir)
+    finite = bool(logged) and all(r["loss"] is not None and math.isfinite(r["loss"]) for r in logged)
+    result = f"{len(logged)} steps, last loss {logged[-1]['loss']:.3f}, {num(s['tokens_per_s'])} tok/s ({s['dtype']})" if logged else "no step logged"
+    return ("ok" if finite else "FAIL"), result
+
+
+def loss_share(path: str) -> tuple[str, str]:
+    r = json.loads(Path(path).read_text())
+    e, c = r["eager"], r["compiled"]
+    return "info", (
+        f"{e['dtype']}: eager {e['step_ms']:.1f} ms/step, loss {100 * e['loss_share']:.1f} % of it; "
+        f"compiled {c['step_ms']:.1f} ms/step (x{e['step_ms'] / c['step_ms']:.2f}), loss {100 * c['loss_share']:.1f} %"
+    )
 
 
 def device() -> tuple[str, str]:

@@ -69,7 +69,7 @@ class TrainSection:
     eval_batches: int = 10  # micro-batches of validation windows per eval
     seed: int = 1337  # weights, data order and dropout
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | mps | cpu
-    dtype: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + loss scaling on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto (bf16 on GPUs and CPUs with native bf16, fp16 + loss scaling on older GPUs, fp32 on other CPUs) | fp32 | bf16 | fp16
     peak_tflops: float = 0.0  # MFU's yardstick per device; 0 = the GPU's data sheet, or on CPU measured once per machine
     compile: bool | str = "auto"  # torch.compile each block (faster steps after a one-off compile): auto (on for CUDA, off elsewhere) | true | false
     out_dir: str = "out"  # runs live in out_dir/run_name
@@ -388,6 +388,9 @@ def check(config: Config) -> None:
         if value < 0:
             raise UserError(f"{key}={value} must not be negative")
     parse_time_limit(t.time_limit)
+    if 0 < t.lr_decay_steps < t.warmup_steps:
+        # The cosine would start after it ended: warmup to the full lr, then straight down to min_lr.
+        raise UserError(f"train.lr_decay_steps={t.lr_decay_steps} ends the decay before train.warmup_steps={t.warmup_steps} end the warmup: set lr_decay_steps >= warmup_steps (or 0 = max_steps)")
     if not 0 < t.lr or not 0 <= t.min_lr <= t.lr:
         raise UserError(f"need 0 < train.lr and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     if not 0.0 < config.data.val_fraction < 1.0:

@@ -18,7 +18,8 @@ only the loss is computed.
 
 The FLOPs are those of the plain path (3 matmuls of N x V x C): nothing is recomputed. Measured (see
 benchmarks/fused_loss.py): on CPU a step is as fast as the plain one or faster and peak RSS halves; on an
-H200 (GPT-2 124M, bf16, 16k tokens) a step is 1-4% slower and its peak memory 40-50% lower.
+H200 (GPT-2 124M, bf16, 16k tokens) a step is 1-4% slower and its peak memory 40-50% lower (measured before
+the passes over the logits went from 6 to 2-3: benchmarks/fused_loss_bytes.py counts them, docs/benchmarks.md).
 
 Semantics match `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=...)`:
 - the loss is fp32 and the mean over targets != ignore_index; ignored tokens get a zero gradient;
@@ -60,9 +61,10 @@ def linear_cross_entropy(
     # Decided here, not inside forward: there autograd is always off and needs_input_grad ignores no_grad().
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     grad_enabled = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(
-        hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
-    )
+    with torch.profiler.record_function("linear_cross_entropy"):  # a named range in profiles (benchmarks/loss_share.py)
+        return _LinearCrossEntropy.apply(
+            hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+        )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -90,31 +92,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype, need_grad_hidden, need_grad_weight):
-    """Loss (fp32, 0-dim) and, as asked, grad of the loss w.r.t. hidden (compute dtype) and weight (fp32)."""
+    """Loss (fp32, 0-dim) and, as asked, grad of the loss w.r.t. hidden (compute dtype) and weight (fp32).
+
+    Per chunk, over its chunk x V logits: the logits GEMM, one in-place log_softmax (the loss is -log p of the
+    target), one exp into the buffer the gradient GEMMs read (p; the target's p - 1 is written from fp32), and
+    those two GEMMs. The per-token factor of dL/dlogits (1/n_valid, 0 for ignored tokens) is applied on the
+    (chunk, C) side of each GEMM instead of in another pass over the logits:
+    (diag(r) G) W = diag(r) (G W) and (diag(r) G)^T h = G^T (diag(r) h), with G = softmax - onehot in [-1, 1].
+    Low precision on CPU adds one pass (the logits GEMM writes bf16, copied to fp32); where the GEMMs take an
+    fp32 output (CUDA, `_gemm_writes_fp32`) the logits GEMM writes fp32 and grad_weight accumulates inside the
+    GEMM (beta = 1): no per-chunk V x C product."""
     N, V = hidden.size(0), weight.size(0)
     h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
     need_grad = need_grad_hidden or need_grad_weight
+    low_precision = compute_dtype != torch.float32
+    # fp16 has 5 exponent bits: dL/dlogits (softmax - onehot) / n_valid, ~1e-9 for rare tokens in a real batch,
+    # would underflow in it (the loss scaler's factor only arrives in backward), and so would h / n_valid. So in
+    # fp16 the per-token factor is the 0/1 mask and 1/n_valid is applied once, in fp32, at the end.
+    unit_grad = compute_dtype == torch.float16
+    fp32_out = compute_dtype == torch.bfloat16 and _gemm_writes_fp32(hidden.device)
 
     valid = targets != ignore_index
     n_valid = valid.sum()  # stays a tensor: no host sync
     # Per-token factor of dL/dlogits: 1/n_valid for counted tokens, 0 for ignored ones. clamp keeps it 0 (not
     # nan) when nothing is counted, so the gradients are zero like F.cross_entropy's while the loss is 0/0.
-    token_scale = valid.float() / n_valid.clamp(min=1)
+    token_scale = valid.float() if unit_grad else valid.float() / n_valid.clamp(min=1)
     safe_targets = targets.masked_fill(~valid, 0).long()  # any in-range id; those rows are masked out
 
     rows = min(chunk_tokens, N)
-    # One fp32 (rows, V) buffer serves every chunk, all updates in place: the chunk x V passes over it are
-    # what this loss costs beyond its three matmuls (memory-bound on CPU and GPU alike), so there are as few
-    # as stock ops allow: amax, sub, exp, sum (+ the two dtype conversions when computing in bf16).
+    # One fp32 (rows, V) buffer serves every chunk, all updates in place; in low precision a twin in the compute
+    # dtype holds what the GEMMs read or (on CPU) write.
     z_buf = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
-    # For bf16 compute the matmuls need a low-precision twin of it (logits out of one, dL/dlogits into the next).
-    low_buf = torch.empty(rows, V, dtype=compute_dtype, device=hidden.device) if compute_dtype != torch.float32 else None
+    low_buf = torch.empty(rows, V, dtype=compute_dtype, device=hidden.device) if low_precision else None
     row_ids = torch.arange(rows, device=hidden.device)
-
-    # fp16 has 5 exponent bits: dL/dlogits (softmax - onehot) / n_valid, ~1e-9 for rare tokens in a real batch,
-    # would underflow in it (the loss scaler's factor only arrives in backward). So in fp16 the low-precision
-    # dL/dlogits stays softmax - onehot, in [-1, 1], and the 1/n_valid is applied on the fp32 side of the matmuls.
-    unit_grad = compute_dtype == torch.float16
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = (torch.empty(h.shape, dtype=torch.float32, device=h.device) if unit_grad else torch.empty_like(h)) if need_grad_hidden else None
@@ -123,51 +133,50 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
     for start in range(0, N, chunk_tokens):
         end = min(start + chunk_tokens, N)
         n = end - start
-        h_c, t_c, valid_c = h[start:end], safe_targets[start:end].unsqueeze(1), valid[start:end]
+        h_c, t_c, valid_c = h[start:end], safe_targets[start:end], valid[start:end]
         z = z_buf[:n]
-        if low_buf is None:
+        if not low_precision:
             torch.mm(h_c, w.t(), out=z)
+        elif fp32_out:
+            torch.mm(h_c, w.t(), out_dtype=torch.float32, out=z)
         else:
             torch.mm(h_c, w.t(), out=low_buf[:n])
             z.copy_(low_buf[:n])
 
-        # Stable log-sum-exp by hand (torch.logsumexp would allocate a chunk x V temporary and exp twice):
-        # z <- exp(z - max), the row sums s, and loss = log s - (z_target - max).
-        z.sub_(z.amax(dim=1, keepdim=True))
-        target_logit = z.gather(1, t_c).squeeze(1)
-        z.exp_()
-        sums = z.sum(dim=1, keepdim=True)
-        loss_sum += torch.where(valid_c, sums.squeeze(1).log() - target_logit, 0.0).sum()
+        torch.log_softmax(z, dim=1, out=z)  # in place, stable: z = log p
+        target_logp = z[row_ids[:n], t_c]
+        loss_sum -= torch.where(valid_c, target_logp, 0.0).sum()
         if not need_grad:
             continue
 
-        # dL/dlogits = diag(row_scale) G, with G = exp(z - max) - s * onehot (one tiny scatter into z) and
-        # row_scale = token_scale / s, one factor per token.
-        z[row_ids[:n], t_c.squeeze(1)] -= sums.squeeze(1)
-        row_scale = token_scale[start:end].unsqueeze(1) / sums
-        if unit_grad:
-            _fp16_chunk_grads(z, sums, valid_c, w, h_c, low_buf[:n], grad_hidden[start:end] if need_grad_hidden else None, grad_weight)
-            continue
-        if low_buf is None:
-            # fp32: apply row_scale on the (chunk, C) side of each matmul rather than in another pass over the
-            # chunk x V logits: (diag(r) G) W = diag(r) (G W) and (diag(r) G)^T h = G^T (diag(r) h).
-            # G's entries lie in [-V, 1], well inside fp32's range.
-            dz, side_scale = z, row_scale
+        # G = p - onehot: exp into the buffer the GEMMs read; the target's p - 1 from fp32 (p near 1 would lose
+        # its difference to 1 if subtracted after rounding to 16 bits).
+        if low_precision:
+            dz = torch.exp(z, out=low_buf[:n])
+            dz[row_ids[:n], t_c] = (target_logp.exp() - 1).to(compute_dtype)
         else:
-            # bf16: the low-precision copy is a pass anyway; scaling inside it rounds dL/dlogits once, as the
-            # plain path's cast does.
-            dz, side_scale = torch.mul(z, row_scale, out=low_buf[:n]), None
+            dz = z.exp_()
+            dz[row_ids[:n], t_c] -= 1
+        row_scale = token_scale[start:end].unsqueeze(1)
 
         if need_grad_hidden:
-            torch.mm(dz, w, out=grad_hidden[start:end])
-            if side_scale is not None:
-                grad_hidden[start:end].mul_(side_scale)
-        if need_grad_weight:
-            h_side = h_c if side_scale is None else h_c * side_scale
-            if low_buf is None:
-                grad_weight.addmm_(dz.t(), h_side)  # in place, no (V, C) temporary
+            if fp32_out:
+                torch.mul(torch.mm(dz, w, out_dtype=torch.float32), row_scale, out=grad_hidden[start:end])  # one rounding
             else:
-                grad_weight += torch.mm(dz.t(), h_side)  # addmm_ cannot mix dtypes; the running sum stays fp32
+                torch.mul(torch.mm(dz, w), row_scale, out=grad_hidden[start:end])
+        if need_grad_weight:
+            h_side = (h_c * row_scale).to(compute_dtype)
+            if not low_precision:
+                grad_weight.addmm_(dz.t(), h_side)  # in place, no (V, C) temporary
+            elif fp32_out:
+                torch.addmm(grad_weight, dz.t(), h_side, out_dtype=torch.float32, out=grad_weight)  # accumulated in the GEMM
+            elif unit_grad:
+                # dz^T h sums up to `rows` terms of size |h| per entry: h is scaled down by a power of two (exact)
+                # that keeps the fp16 sum under 64 max|h|, far from fp16's 65504, and scaled back up in fp32.
+                shrink = 2.0 ** -max(0, math.ceil(math.log2(n / 64)))
+                grad_weight.add_(torch.mm(dz.t(), h_side * shrink), alpha=1 / shrink)
+            else:
+                grad_weight += torch.mm(dz.t(), h_side)  # CPU: no mixed-dtype GEMM; the running sum stays fp32
 
     if unit_grad and need_grad:
         for grad in (grad_hidden, grad_weight):
@@ -176,15 +185,20 @@ def _chunked_forward(hidden, weight, targets, chunk_tokens, ignore_index, comput
     return loss_sum / n_valid, grad_hidden, grad_weight
 
 
-def _fp16_chunk_grads(z, sums, valid_c, w, h_c, dz, grad_hidden_c, grad_weight) -> None:
-    """One chunk's gradients in fp16, not yet divided by n_valid (the caller does that once, in fp32).
+_FP32_OUT_SUPPORT: dict[str, bool] = {}
 
-    dz = softmax - onehot of the valid rows, in [-1, 1]; dz @ W is then bounded by 2 max|W|. dz^T @ h sums up
-    to `rows` terms of size |h| per entry, so h is scaled down by a power of two (exact) that keeps the sum
-    under 64 max|h|, far from fp16's 65504, and the product is scaled back up in fp32."""
-    torch.mul(z, valid_c.unsqueeze(1).float() / sums, out=dz)
-    if grad_hidden_c is not None:
-        grad_hidden_c.copy_(torch.mm(dz, w))
-    if grad_weight is not None:
-        shrink = 2.0 ** -max(0, math.ceil(math.log2(dz.size(0) / 64)))
-        grad_weight.add_(torch.mm(dz.t(), h_c * shrink), alpha=1 / shrink)
+
+def _gemm_writes_fp32(device: torch.device) -> bool:
+    """Whether bf16 GEMMs on this device write (and accumulate into) an fp32 output directly: torch's
+    mm / addmm `out_dtype` (CUDA; not on CPU in torch 2.13). Probed once per device type on a tiny product."""
+    key = device.type
+    if key not in _FP32_OUT_SUPPORT:
+        try:
+            a = torch.ones(4, 8, dtype=torch.bfloat16, device=device)
+            acc = torch.ones(4, 4, device=device)
+            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+            ok = bool((torch.mm(a, a.t(), out_dtype=torch.float32) == 8).all()) and bool((acc == 9).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _FP32_OUT_SUPPORT[key] = ok
+    return _FP32_OUT_SUPPORT[key]

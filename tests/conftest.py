@@ -73,6 +73,8 @@ def tiny_overrides(data_dir: Path, out_dir: Path, run_name: str = "run", **extra
         "train.micro_batch_size=4",
         "train.max_steps=10",
         "train.warmup_steps=2",
+        # fp32: the tests compare losses exactly (resume, world sizes, strategies); auto is bf16 on CPUs with it
+        "train.dtype=fp32",
         "train.eval_every=0",
         "train.eval_batches=2",
         "logging.log_every=1",

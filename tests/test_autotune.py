@@ -177,7 +177,7 @@ def test_two_ranks_on_cpu_when_one_runs_out(tmp_path):
         port = s.getsockname()[1]
     model = ["model.n_layer=2", "model.n_head=2", "model.n_embd=128", "model.block_size=128", "model.vocab_size=4096", "model.tokenizer_vocab_size=4096"]
     command = [sys.executable, "-m", "dist_gpt.autotune_batch", "--config", "bible-tiny", "--strategy", "ddp", "--memory-budget-gb", "2",
-               "--trial-steps", "2", "train.device=cpu", "train.global_batch_size=128", *model]
+               "--trial-steps", "2", "train.device=cpu", "train.dtype=fp32", "train.global_batch_size=128", *model]
     common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", DIST_GPT_CACHE=str(tmp_path))
     ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=subprocess_env(**common, RANK=str(r), LOCAL_RANK=str(r), **({"DIST_GPT_TRIAL_DATA_LIMIT_MB": "470"} if r else {})))
@@ -453,3 +453,46 @@ def test_cuda_out_of_memory_is_caught_and_cleaned_up():
     assert not fits.oom and 0 < fits.peak_bytes < 8 * memory.GB
     search = search_largest(runner, 8 * memory.GB * 0.92, 64, 256)
     assert 1 <= search.largest < 64 and torch.cuda.memory_allocated() == 0
+
+
+def test_the_logged_peak_is_trainings_not_the_autotuners(monkeypatch):
+    """On CUDA the trials run in this process (OOM attempts too): their peak must not become every log line's.
+    Here a stand-in tuner touches 400 MB and frees it, as an in-process trial does; after the micro-batch is
+    resolved the process's peak (the resident high-water mark on CPU) is back near what it holds now."""
+    from dist_gpt import autotune
+    from dist_gpt.runtime.metrics import memory_stats
+    from dist_gpt.train.run import resolve_micro_batch_size
+
+    def trials(config, env, strategy_name):
+        torch.ones(100 * 2**20).sum()  # 400 MB, freed on return
+        return 4
+
+    monkeypatch.setattr(autotune, "autotune_for_training", trials)
+    config = from_dict({"train": {"micro_batch_size": "auto", "device": "cpu"}})
+    before = memory_stats(torch.device("cpu"))["mem_rss_mb"]
+    assert resolve_micro_batch_size(config, DistEnv()) == 4
+    assert memory_stats(torch.device("cpu"))["mem_peak_rss_mb"] < before + 200
+
+
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_a_trial_builds_what_training_builds(monkeypatch, setting):
+    """The trials size training: they keep train.compile (auto decides the same way for both) and, on CUDA, run
+    fp32 matmuls in TF32 as training does (a subprocess trial never passes through init_distributed)."""
+    from dist_gpt.autotune import measure
+
+    class Built(Exception):
+        pass
+
+    def build(config, env, batch):
+        raise Built(config.train.compile, torch.get_float32_matmul_precision())
+
+    monkeypatch.setattr(measure, "build", build)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        config = from_dict({"train": {"compile": setting}})
+        with pytest.raises(Built) as built:
+            measure._timed_steps(config, DistEnv(device=torch.device("cuda")), 2, 1, 1)  # a CUDA run's trial, built no further
+        assert built.value.args == (setting, "high")
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -37,3 +37,24 @@ def test_bench_table_and_bad_variant():
 
 def test_restore_default_malloc_is_callable():
     assert restore_default_malloc() in (True, False)
+
+
+def test_bench_runs_each_variant_in_its_train_dtype_against_that_dtypes_peak(tmp_path):
+    """train.dtype=bf16 was ignored (the header said float32) and --compare could not compare dtypes; each
+    dtype's MFU is against its own peak, cached under its own key (a bf16 run never raises the fp32 yardstick)."""
+    proc = run_python(
+        ["-m", "dist_gpt.bench", "--config", "bible-tiny", "--steps", "1", "--warmup", "0", "--json", *TINY_MODEL, "train.micro_batch_size=2",
+         "--compare", "train.dtype=fp32", "train.dtype=bf16"],
+        timeout=300, DIST_GPT_CACHE=str(tmp_path),
+    )
+    report = json.loads(proc.stdout)
+    assert [v["dtype"] for v in report["results"]] == ["fp32", "bf16"]
+    assert report["context"]["dtype"] == "fp32 / bf16"
+    cached = json.loads((tmp_path / "cpu_peak_flops.json").read_text())
+    by_dtype = {key.split(" | ")[2]: flops for key, flops in cached.items()}
+    assert set(by_dtype) == {"float32", "bfloat16"}
+    for v, name in zip(report["results"], ("float32", "bfloat16")):
+        assert abs(v["peak_tflops"] * 1e12 - by_dtype[name]) <= 1e-6 * by_dtype[name]
+    single = run_python(["-m", "dist_gpt.bench", "--config", "bible-tiny", "--steps", "1", "--warmup", "0", *TINY_MODEL, "train.micro_batch_size=2", "train.dtype=bf16"],
+                        timeout=300, DIST_GPT_CACHE=str(tmp_path))
+    assert "| bf16 |" in single.stdout.splitlines()[0]

@@ -54,6 +54,7 @@ def test_a_yaml_path_loads(tmp_path):
         (["parallel.strategy=deepspeed"], "needs a DeepSpeed config"),
         (["maxsteps"], "not of the form section.key=value"),
         (["model.preset=gpt5"], "model.preset='gpt5' is unknown"),
+        (["train.warmup_steps=100", "train.lr_decay_steps=50"], "train.lr_decay_steps=50 ends the decay before train.warmup_steps=100"),
     ],
 )
 def test_config_errors_are_one_clear_line(overrides, message):
@@ -134,3 +135,12 @@ def test_each_entry_point_prints_its_config_and_says_how(command, capsys, monkey
         run(["--help"])
     help_text = capsys.readouterr().out
     assert "--print-config" in help_text and "e.g.\n  python " in help_text
+
+
+def test_a_run_shorter_than_its_warmup_is_said_not_silent():
+    """max_steps < warmup_steps never reaches the peak lr: said in one line at the start (a preset's smoke test
+    with train.max_steps=2 stays allowed); lr_decay_steps < warmup_steps is refused (above)."""
+    from dist_gpt.engine.schedule import schedule_notice
+
+    assert "ends during the warmup, at 10% of the peak lr" in schedule_notice(warmup_steps=20, max_steps=2)
+    assert schedule_notice(warmup_steps=20, max_steps=20) is None

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import needs_cuda
+
 from dist_gpt.fused_loss import linear_cross_entropy, plain_linear_cross_entropy
 from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.runtime.malloc import keep_freed_memory, malloc_env, page_faults
@@ -230,3 +232,51 @@ def test_malloc_env_and_page_faults():
     before = page_faults()
     torch.ones(1 << 20).add_(1)
     assert page_faults() >= before > 0
+
+
+GEMMS = {"mm", "addmm", "addmm_"}
+
+
+@pytest.mark.parametrize("autocast, most", [(False, 2), (True, 3)])
+def test_at_most_three_passes_over_each_chunks_logits(autocast, most):
+    """The loss is memory-bound: besides its GEMMs, each chunk's chunk x V logits are traversed by at most
+    log_softmax and exp (fp32), plus the bf16 -> fp32 copy on CPU (whose GEMMs cannot write fp32). It was
+    amax, sub, exp, sum (+ copy and the scaled cast in bf16): 4 and 6. Forward and backward of 4 chunks."""
+    N, C, chunk = 64, 24, 16  # C != chunk: a V x C tensor is not mistaken for a chunk's logits
+
+    class Passes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            tensors = [t for t in (*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else (out,))) if isinstance(t, torch.Tensor)]
+            sparse = name in ("index", "index_put_", "gather", "empty")  # one element per row, or none
+            view = not func._schema.is_mutable and any(r.alias_info for r in func._schema.returns)
+            if not sparse and not view and name not in GEMMS and any(t.numel() == chunk * V for t in tensors):
+                self.ops.append(name)
+            return out
+
+    hidden, weight, targets = make_inputs(N, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), Passes() as mode:
+        linear_cross_entropy(hidden, weight, targets, chunk_tokens=chunk).backward()
+    assert len(mode.ops) <= most * (N // chunk), mode.ops
+
+
+@needs_cuda
+def test_cuda_bf16_gemms_write_fp32_and_match_plain_autocast():
+    """On CUDA the bf16 GEMMs write the fp32 logits and accumulate grad_weight themselves (out_dtype): the path
+    a CPU cannot run, checked against the plain path under the same autocast."""
+    from dist_gpt.fused_loss import _gemm_writes_fp32
+
+    assert _gemm_writes_fp32(torch.device("cuda"))
+    hidden, weight, targets = (t.cuda() for t in make_inputs(67, 32, ignored_every=5))
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_tokens=16)
+        plain = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    for g, p, r in zip(got, plain, ref):
+        assert rel_error(g, r) < 1e-2 and rel_error(g, p) < 1e-2

@@ -29,7 +29,7 @@ from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.parallel import build_strategy, resolve_strategy_name
 from dist_gpt.parallel.base import apply_activation_checkpointing
 from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV, load_ds_config, resolve_ds_config
-from dist_gpt.runtime.distributed import DistEnv
+from dist_gpt.runtime.distributed import DistEnv, pick_backend
 
 TIMEOUT_S = 300  # per launch; a healthy one takes 10-40 s on 2 busy cores
 STEPS = 10
@@ -227,6 +227,40 @@ def test_fsdp_needs_a_vocabulary_divisible_by_the_world():
         strategy.parallelize(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=50257)))
 
 
+@pytest.mark.parametrize(
+    "requested, device, offload, want",
+    [
+        ("auto", "cuda", True, "cpu:gloo,cuda:nccl"),  # offloaded gradient shards are CPU tensors: gloo for those
+        ("nccl", "cuda", True, "cpu:gloo,cuda:nccl"),
+        ("auto", "cuda", False, "nccl"),
+        ("gloo", "cuda", True, "gloo"),  # what the user asked for
+        ("auto", "cpu", True, "gloo"),
+    ],
+)
+def test_fsdp_cpu_offload_on_cuda_gets_a_group_with_a_cpu_backend(requested, device, offload, want):
+    """clip_grad_norm all-reduces the norm of CPU-offloaded gradient shards: a NCCL-only group crashes at step 1
+    ("No backend type associated with device type cpu"), also on one GPU."""
+    assert pick_backend(requested, torch.device(device), cpu_tensors=offload) == want
+
+
+def test_fsdp_asks_for_cpu_collectives_when_it_offloads(monkeypatch):
+    """The flag travels from parallel.fsdp_cpu_offload to the group FSDP makes (a world of one still makes one)."""
+    from dist_gpt.parallel import fsdp
+
+    class Seen(Exception):
+        pass
+
+    def record(env, backend, cpu_tensors=False):
+        raise Seen(cpu_tensors)
+
+    monkeypatch.setattr(fsdp, "ensure_process_group", record)
+    for offload in (True, False):
+        strategy = build_strategy(config("parallel.strategy=fsdp", f"parallel.fsdp_cpu_offload={str(offload).lower()}"), DistEnv(world_size=1))
+        with pytest.raises(Seen) as seen:
+            strategy.parallelize(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, tokenizer_vocab_size=64)))
+        assert seen.value.args == (offload,)
+
+
 # ------------------------------------------------------------------------------ the ds_config
 
 
@@ -250,6 +284,15 @@ def test_shipped_ds_configs_fill_every_auto(name):
 def test_bf16_auto_follows_the_run_dtype():
     assert resolve({"bf16": {"enabled": "auto"}}, dtype=torch.bfloat16)["bf16"]["enabled"] is True
     assert resolve({}, dtype=torch.bfloat16)["bf16"]["enabled"] is True  # absent = auto: never silently fp32
+
+
+@pytest.mark.parametrize("name, accum", [("zero0", "bf16"), ("zero1", "fp32"), ("zero2", "fp32"), ("zero3", "fp32"), ("zero3-offload", "fp32")])
+def test_deepspeed_sums_bf16_micro_batch_gradients_in_fp32_where_it_can(name, accum):
+    """DDP and FSDP accumulate in fp32; DeepSpeed without data_types.grad_accum_dtype uses the model's bf16.
+    ZeRO-1/2/3 take fp32; stage 0 refuses the mix (it keeps bf16, as documented)."""
+    ds = resolve(load_ds_config(str(REPO / "ds_configs" / f"{name}.json")), dtype=torch.bfloat16)
+    assert ds["data_types"]["grad_accum_dtype"] == accum
+    assert resolve({"zero_optimization": {"stage": 2}}, dtype=torch.bfloat16)["data_types"]["grad_accum_dtype"] == "fp32"  # absent = auto
 
 
 def test_ds_micro_batch_contradicting_the_config_names_both_values():

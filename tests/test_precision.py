@@ -64,6 +64,25 @@ def test_auto_dtype_off_cuda_and_when_torch_reports_no_native_bf16():
     assert choose_dtype("fp32", DeviceFacts("cuda", "T4", (7, 5), True)) == torch.float32
 
 
+ZEN4_FLAGS = "flags\t\t: fpu vme sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni"
+SKYLAKE_FLAGS = "flags\t\t: fpu vme sse2 avx2 avx512f avx512bw avx512_vnni"
+SAPPHIRE_RAPIDS_FLAGS = "flags\t\t: fpu avx512f avx512_fp16 amx_bf16 amx_tile amx_int8"
+
+
+def test_auto_is_bf16_autocast_on_cpus_with_bf16_matmul_instructions():
+    """AVX512-BF16 or AMX: bf16 matmuls at ~2x fp32 (bible-seed trains 1.65x faster here); without, fp32."""
+    from dist_gpt.runtime.precision import cpu_has_native_bf16, dtype_description
+
+    assert cpu_has_native_bf16(ZEN4_FLAGS) and cpu_has_native_bf16(SAPPHIRE_RAPIDS_FLAGS) and not cpu_has_native_bf16(SKYLAKE_FLAGS)
+    assert choose_dtype("auto", DeviceFacts("cpu", bf16_reported=True)) == torch.bfloat16
+    assert choose_dtype("auto", DeviceFacts("cpu", bf16_reported=False)) == torch.float32
+    assert choose_dtype("fp32", DeviceFacts("cpu", bf16_reported=True)) == torch.float32
+    assert DeviceFacts.of(torch.device("cpu")).native_bf16 == cpu_has_native_bf16()  # this machine, as detected
+    assert dtype_description("auto", torch.bfloat16, "cpu") == "bf16 autocast (auto: this CPU has native bf16)"
+    assert dtype_description("auto", torch.float32, "cpu") == "fp32 (auto: this CPU has no native bf16)"
+    assert dtype_description("fp16", torch.float16, "cuda") == "fp16 + loss scaling"
+
+
 def test_bf16_on_a_gpu_without_native_bf16_is_one_clear_error():
     with pytest.raises(UserError) as e:
         choose_dtype("bf16", DeviceFacts("cuda", "Tesla T4", (7, 5), bf16_reported=False))

@@ -105,3 +105,26 @@ def test_init_from_a_model_the_config_does_not_describe(tiny_data, tmp_path):
     config = load_config("bible-tiny", tiny_overrides(tiny_data, tmp_path) + [f"model.init_from={tmp_path / 'hf'}"])
     with pytest.raises(UserError, match="n_layer=3, which the config does not say"):
         train(config)
+
+
+def test_one_agreement_collective_per_step(tiny_data, tmp_path, monkeypatch):
+    """Ranks agree on stop / periodic save / async publish with one all-reduce (a host sync) per step, not one
+    each (should_stop and due made 13 all_reduce_max calls in 6 steps). DDP on a world of one has a real process
+    group; its gradient buckets go through the C++ reducer, so the Python all_reduce calls are the loop's own.
+    Counted as the difference between a 12-step and a 6-step run: what happens once per run cancels out."""
+    import torch.distributed as dist
+
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: calls.append(tensor.numel()) or real(tensor, *args, **kwargs))
+    counts = {}
+    try:
+        for steps in (6, 12):
+            calls.clear()
+            train(load_config("bible-tiny", tiny_overrides(tiny_data, tmp_path, f"count{steps}", train__max_steps=steps, logging__log_every=100,
+                                                           parallel__strategy="ddp", train__dtype="fp32")))
+            counts[steps] = len(calls)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert (counts[12] - counts[6]) / 6 == 1, counts

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.print_config:
         print(render_config(config))
         return
-    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
+    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend, cpu_tensors=config.parallel.fsdp_cpu_offload)
     try:
         report = autotune(config, env, check_strategy(config, env), budget_bytes=args.memory_budget_gb * GB or None,
                           headroom=args.headroom, objective=args.objective, use_cache=not args.no_cache, steps=args.trial_steps,

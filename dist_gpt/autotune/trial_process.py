@@ -64,7 +64,7 @@ def _join_trial_group(spec: dict, env: DistEnv):
 
     host, port, prefix = spec["store"]
     store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=60))
-    backend = pick_backend(spec["config"]["parallel"]["backend"], env.device)
+    backend = pick_backend(spec["config"]["parallel"]["backend"], env.device, spec["config"]["parallel"]["fsdp_cpu_offload"])
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=TRIAL_TIMEOUT_S))
     return store

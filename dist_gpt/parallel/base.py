@@ -163,6 +163,7 @@ class Strategy(ABC):
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         optim_state["state"] = state["optimizer_state"]
+        restore_tied(state["model"], self.unwrapped_model)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
 
     @classmethod
@@ -178,9 +179,10 @@ class Strategy(ABC):
         DCP reads the shards of any world size straight into full tensors."""
         from dist_gpt.model import GPT
 
-        state = {"model": GPT(config.model.gpt_config()).state_dict()}
+        model = GPT(config.model.gpt_config())
+        state = {"model": without_tied(model.state_dict(), model)}
         dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
-        return state["model"]
+        return restore_tied(state["model"], model)
 
     def _tensor_state(self) -> dict:
         """Only tensors: DCP unpickles non-tensor values on load, and a checkpoint must never need that.
@@ -190,7 +192,34 @@ class Strategy(ABC):
             # A fresh optimizer has no state yet: create it (zeros) so there are tensors to load into.
             _init_optimizer_state(self.optimizer)
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optimizer_state": optim_state["state"]}
+        return {"model": without_tied(model_state, self.unwrapped_model), "optimizer_state": optim_state["state"]}
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """{alias: owner} for parameters registered under two names (lm_head.weight -> wte.weight when tied)."""
+    owners: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        owner = owners.setdefault(id(param), name)
+        if owner != name:
+            aliases[name] = owner
+    return aliases
+
+
+def without_tied(model_state: dict, module: nn.Module) -> dict:
+    """The model state with each tied parameter once: a state dict lists it under both names, and DCP would
+    write (and read) the V x C embedding twice (+154 MB per GPT-2 124M checkpoint). Older checkpoints that hold
+    both keys still load: DCP reads only the keys asked for."""
+    aliases = tied_aliases(module)
+    return {key: value for key, value in model_state.items() if key not in aliases}
+
+
+def restore_tied(model_state: dict, module: nn.Module) -> dict:
+    """Put each alias back as its owner's tensor (the same object: loading keeps the parameters tied)."""
+    for alias, owner in tied_aliases(module).items():
+        if owner in model_state:
+            model_state[alias] = model_state[owner]
+    return model_state
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -252,9 +281,9 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     return norm.detach()
 
 
-def ensure_process_group(env: DistEnv, backend: str = "auto") -> None:
+def ensure_process_group(env: DistEnv, backend: str = "auto", cpu_tensors: bool = False) -> None:
     """Wrappers that need a process group (DDP, FSDP, DeepSpeed) get a group of one when launched as a single
     process: init_distributed only joins a group when WORLD_SIZE > 1. An in-memory store: nothing to listen on."""
     if dist.is_initialized():
         return
-    dist.init_process_group(backend=pick_backend(backend, env.device), store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend=pick_backend(backend, env.device, cpu_tensors), store=dist.HashStore(), rank=0, world_size=1)

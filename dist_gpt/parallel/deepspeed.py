@@ -99,6 +99,13 @@ def resolve_ds_config(raw: dict, config: Config, env: DistEnv, micro_batch_size:
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if zero.get("compute_grad_norm", True) is False:
         raise UserError(f"{source} sets zero_optimization.compute_grad_norm=false, but the gradient norm is what the log shows and what skips a non-finite step: remove it")
+    stage = zero.get("stage", 0)
+    # Micro-batch gradients summed in fp32, as DDP and FSDP do. Left alone, DeepSpeed accumulates in the model's
+    # dtype: a 40-micro-batch bf16 sum has several times the error of one rounding. ZeRO-1, 2 and 3 take fp32
+    # (ZeRO-1 through DeepSpeed's BF16_Optimizer, ZeRO-3 as its gradient partitions' buffer); stage 0 refuses
+    # the mix (NotImplementedError), so it keeps the model's dtype (said in ds_configs/README.md).
+    accum = "fp32" if stage in (1, 2, 3) else dtype_name(env.compute_dtype)
+    fill(ds.setdefault("data_types", {}), "grad_accum_dtype", accum, f"{accum} gradient accumulation (ZeRO stage {stage}, train.dtype={config.train.dtype})", where="data_types.")
     hidden = config.model.n_embd
     # Hugging Face's rule of thumb for the bucket sizes, scaled to the model's width.
     for key, value in {

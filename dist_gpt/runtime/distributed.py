@@ -51,15 +51,23 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return choose_dtype(requested, DeviceFacts.of(device))
 
 
-def pick_backend(requested: str, device: torch.device) -> str:
-    """parallel.backend: `auto` is nccl for CUDA tensors, gloo for CPU ones."""
+def pick_backend(requested: str, device: torch.device, cpu_tensors: bool = False) -> str:
+    """parallel.backend: `auto` is nccl for CUDA tensors, gloo for CPU ones.
+
+    cpu_tensors: a GPU run whose collectives also see CPU tensors (FSDP with parallel.fsdp_cpu_offload: its
+    gradient shards live on the host, and clip_grad_norm all-reduces their norm there). A NCCL-only group fails
+    on those ("No backend type associated with device type cpu"), so the group gets both backends, each
+    collective going to the one for its tensors' device (torchtune's fix, pytorch#148532)."""
+    if device.type == "cuda" and cpu_tensors and requested in ("auto", "nccl"):
+        return "cpu:gloo,cuda:nccl"
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     return requested
 
 
-def init_distributed(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> DistEnv:
-    """Join the process group when launched with WORLD_SIZE > 1 (torchrun, deepspeed); else a world of one."""
+def init_distributed(device: str = "auto", dtype: str = "auto", backend: str = "auto", cpu_tensors: bool = False) -> DistEnv:
+    """Join the process group when launched with WORLD_SIZE > 1 (torchrun, deepspeed); else a world of one.
+    cpu_tensors: see pick_backend (parallel.fsdp_cpu_offload)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,7 +75,7 @@ def init_distributed(device: str = "auto", dtype: str = "auto", backend: str = "
     if dev.type == "cuda":
         enable_tf32()  # fp32 matmuls (train.dtype=fp32, and fp32 parts of mixed precision) on tensor cores
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=pick_backend(backend, dev), timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend=pick_backend(backend, dev, cpu_tensors), timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, compute_dtype=pick_dtype(dtype, dev))
 
 
@@ -89,7 +97,7 @@ def all_reduce_max(values: list[float]) -> list[float]:
     agree on a flag or a worst case. The tensor lives where the backend needs it (CUDA for nccl)."""
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()

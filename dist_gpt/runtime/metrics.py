@@ -176,6 +176,19 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; an upper bound
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peaks memory_stats reports afresh: the CUDA allocator's, or on Linux the resident set's high-water
+    mark (VmHWM; writing 5 to /proc/self/clear_refs resets it). Best effort elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Memory in MB: the CUDA caching allocator's peaks on GPU; on CPU the resident set now and its peak."""
     if device.type == "cuda":

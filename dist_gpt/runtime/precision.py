@@ -5,6 +5,18 @@
 - `LossScaler`: dynamic loss scaling for fp16 (torch.amp.GradScaler), checkpointed as a JSON part of the run,
   counting the steps it skipped on overflow without reading anything back from the GPU per step.
 - `enable_tf32`: fp32 matmuls on CUDA through TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation).
+
+The precision policy, the same for every strategy in bf16 or fp16 ("mixed precision"):
+- the matmuls (attention, MLP, the output layer) run in the 16-bit dtype;
+- the master weights, AdamW's moments and the optimizer step are fp32;
+- gradients are reduced over ranks and summed over micro-batches in fp32 (DDP's fp32 .grad, FSDP's
+  reduce_dtype, DeepSpeed ZeRO-1/2/3's data_types.grad_accum_dtype; ZeRO-0 keeps the model's dtype);
+- softmax, the loss and the fused loss's weight-gradient sum are fp32.
+What differs is the activations between the matmuls: autocast (single, DDP) keeps the residual stream, the
+LayerNorm outputs and the loss's input fp32; FSDP's MixedPrecisionPolicy and DeepSpeed's bf16 cast the
+parameters and run the whole forward in the 16-bit dtype. So the strategies compute the same losses to fp32's
+1e-4 in fp32 (tests/test_parallel.py) and to bf16's noise in bf16: 2e-3 relative, one bf16 rounding is 3.9e-3
+(tests/test_precision_policy.py, measured 3e-4 FSDP vs single on CPU).
 """
 
 from __future__ import annotations
@@ -37,15 +49,19 @@ class DeviceFacts:
     type: str  # cuda | cpu | mps
     name: str = ""
     capability: tuple[int, int] | None = None  # CUDA compute capability
-    bf16_reported: bool = False  # torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16_reported: bool = False  # CUDA: torch.cuda.is_bf16_supported(including_emulation=False); CPU: cpu_has_native_bf16()
 
     @property
     def native_bf16(self) -> bool:
         """bf16 in hardware. is_bf16_supported() alone answers True on a T4 or V100 too (emulated: slow)."""
+        if self.type == "cpu":
+            return self.bf16_reported
         return self.type == "cuda" and self.capability is not None and self.capability >= BF16_NATIVE_CAPABILITY and self.bf16_reported
 
     @classmethod
     def of(cls, device: torch.device) -> DeviceFacts:
+        if device.type == "cpu":
+            return cls("cpu", bf16_reported=cpu_has_native_bf16())
         if device.type != "cuda":
             return cls(device.type)
         return cls(
@@ -56,12 +72,30 @@ class DeviceFacts:
         )
 
 
+# /proc/cpuinfo flags of bf16 matmul instructions: AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake+) and AMX (Intel
+# Sapphire Rapids+). oneDNN runs bf16 matmuls on them at ~2x the fp32 rate; without them bf16 is converted, slower.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 matmul instructions (Linux: /proc/cpuinfo; elsewhere: no, so fp32)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
 def choose_dtype(requested: str, facts: DeviceFacts) -> torch.dtype:
-    """auto: bf16 where the GPU has it natively, else fp16 on CUDA (loss-scaled), fp32 elsewhere."""
+    """auto: bf16 where the device has it natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, as bf16
+    autocast), else fp16 on CUDA (loss-scaled), fp32 elsewhere."""
     if requested == "auto":
         if facts.type == "cuda":
             return torch.bfloat16 if facts.native_bf16 else torch.float16
-        return torch.float32
+        return torch.bfloat16 if facts.type == "cpu" and facts.native_bf16 else torch.float32
     if requested not in DTYPES:
         raise UserError(f"train.dtype={requested!r} is not one of auto, {', '.join(DTYPES)}")
     if requested == "bf16" and facts.type == "cuda" and not facts.native_bf16:
@@ -76,8 +110,16 @@ def choose_dtype(requested: str, facts: DeviceFacts) -> torch.dtype:
 def dtype_notice(dtype: torch.dtype, device_type: str) -> str | None:
     """One line for a choice that works but is slow."""
     if dtype == torch.float16 and device_type == "cpu":
-        return "train.dtype=fp16 on cpu: it runs (fp16 autocast + loss scaling) but slowly, CPUs have no fast fp16 matmuls; fp32 is the fast choice here"
+        return "train.dtype=fp16 on cpu: it runs (fp16 autocast + loss scaling) but slowly, CPUs have no fast fp16 matmuls; bf16 (where the CPU has it) or fp32 is the fast choice here"
     return None
+
+
+def dtype_description(requested: str, dtype: torch.dtype, device_type: str) -> str:
+    """The start line's precision: what runs, and why when `auto` chose it."""
+    text = dtype_name(dtype) + (" + loss scaling" if dtype == torch.float16 else "")
+    if requested == "auto" and device_type == "cpu":
+        text += " autocast (auto: this CPU has native bf16)" if dtype == torch.bfloat16 else " (auto: this CPU has no native bf16)"
+    return text
 
 
 def enable_tf32() -> None:

@@ -16,6 +16,7 @@ reuse, what the trainer uses on CPU): e.g.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -32,8 +33,9 @@ from dist_gpt.engine.step import accumulate_gradients, apply_update
 from dist_gpt.errors import UserError, cli, run_worker_entry_point
 from dist_gpt.parallel import BatchShape
 from dist_gpt.runtime import malloc as runtime
-from dist_gpt.runtime.distributed import DistEnv, destroy_distributed, init_distributed
+from dist_gpt.runtime.distributed import DistEnv, destroy_distributed, init_distributed, pick_dtype
 from dist_gpt.runtime.metrics import PeakFlops, device_peak, synchronize
+from dist_gpt.runtime.precision import dtype_name
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -43,6 +45,8 @@ class Variant:
     label: str
     config: Config
     malloc: str  # "kept" | "default"
+    env: DistEnv = None  # the process's, with this variant's compute dtype (train.dtype)
+    peak: PeakFlops = None  # its dtype's peak: MFU of a bf16 variant against the bf16 peak
     strategy: object = None
     flops_per_token: int = 0
     tokens_per_step: int = 0
@@ -78,13 +82,10 @@ def current_memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def build_variant(label: str, base: str, overrides: list[str], malloc: str, env: DistEnv) -> Variant:
-    config = load_config(base, overrides)
+def build_variant(variant: Variant) -> Variant:
+    config, env = variant.config, variant.env
     micro = config.train.micro_batch_size
-    if micro == "auto":
-        raise UserError("bench needs a fixed train.micro_batch_size (run python -m dist_gpt.autotune_batch first)")
-    variant = Variant(label, config, malloc)
-    set_malloc(malloc)  # before this variant allocates anything
+    set_malloc(variant.malloc)  # before this variant allocates anything
     built = build(config, env, BatchShape(micro, 1))
     variant.flops_per_token = built.flops_per_token
     variant.tokens_per_step = micro * env.world_size * config.model.block_size
@@ -107,7 +108,8 @@ def random_batch(config: Config, env: DistEnv, generator: torch.Generator) -> tu
     return rows[:, :-1], rows[:, 1:]
 
 
-def run_step(variant: Variant, env: DistEnv, generator: torch.Generator, record: bool) -> None:
+def run_step(variant: Variant, generator: torch.Generator, record: bool) -> None:
+    env = variant.env
     set_malloc(variant.malloc)
     device, strategy = env.device, variant.strategy
     if device.type == "cuda":
@@ -133,14 +135,16 @@ def run_step(variant: Variant, env: DistEnv, generator: torch.Generator, record:
     variant.peak_memory_mb = max(variant.peak_memory_mb, memory_after_forward, current_memory_mb(device))
 
 
-def summarize(variant: Variant, peak: PeakFlops, world_size: int) -> dict:
+def summarize(variant: Variant, world_size: int) -> dict:
     step_times = [sum(parts) for parts in zip(*(variant.times[p] for p in PHASES))]
     median_step = statistics.median(step_times)
     tokens_per_s = variant.tokens_per_step / median_step
     return {
         "variant": variant.label,
         "tokens_per_s": tokens_per_s,
-        "mfu": peak.mfu(tokens_per_s * variant.flops_per_token / world_size),
+        "dtype": dtype_name(variant.env.compute_dtype),
+        "mfu": variant.peak.mfu(tokens_per_s * variant.flops_per_token / world_size),
+        "peak_tflops": variant.peak.flops / 1e12,
         "ms_per_step": 1e3 * median_step,
         **{f"ms_{p}": 1e3 * statistics.median(variant.times[p]) for p in PHASES},
         "page_faults_per_step": statistics.median(variant.page_faults),
@@ -150,34 +154,46 @@ def summarize(variant: Variant, peak: PeakFlops, world_size: int) -> dict:
 
 
 def bench(base: str, variant_specs: list[str], common: list[str], steps: int, warmup: int) -> tuple[list[dict], dict]:
-    env = init_distributed()
+    variants = []
+    for spec in variant_specs:
+        overrides, malloc = split_variant(spec)
+        config = load_config(base, common + overrides)
+        if config.train.micro_batch_size == "auto":
+            raise UserError("bench needs a fixed train.micro_batch_size (run python -m dist_gpt.autotune_batch first)")
+        variants.append(Variant(spec or "default", config, malloc))
+    first = variants[0].config.train
+    env = init_distributed(first.device, first.dtype, variants[0].config.parallel.backend)
     try:
         seed_everything(0)
-        # Before building the variants: compile workers and model construction would contend with the measurement.
-        peak = device_peak(env.device, env.compute_dtype)
-        variants = []
-        for spec in variant_specs:
-            overrides, malloc = split_variant(spec)
-            variants.append(build_variant(spec or "default", base, common + overrides, malloc, env))
+        # Each variant computes in its own train.dtype (--compare "train.dtype=fp32" "train.dtype=bf16"), measured
+        # against that dtype's peak. The peaks before building the variants: compile workers and model
+        # construction would contend with the measurement.
+        peaks = {}
+        for variant in variants:
+            variant.env = dataclasses.replace(env, compute_dtype=pick_dtype(variant.config.train.dtype, env.device))
+            dtype = variant.env.compute_dtype
+            variant.peak = peaks[dtype] = peaks.get(dtype) or device_peak(env.device, dtype, variant.config.train.peak_tflops)
+        for variant in variants:
+            build_variant(variant)
         generator = torch.Generator().manual_seed(0)
         for step in range(warmup + steps):
             for variant in variants:  # interleaved: A B A B ...
-                run_step(variant, env, generator, record=step >= warmup)
-        results = [summarize(v, peak, env.world_size) for v in variants]
+                run_step(variant, generator, record=step >= warmup)
+        results = [summarize(v, env.world_size) for v in variants]
         for r in results:
             r["ratio_to_first"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
         v0 = variants[0]
         context = {
             "config": base,
             "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-            "dtype": str(env.compute_dtype).removeprefix("torch."),
+            "dtype": " / ".join(dict.fromkeys(r["dtype"] for r in results)),
             "world_size": env.world_size,
             "strategy": v0.strategy.name,
             "micro_batch_size": v0.config.train.micro_batch_size,
             "block_size": v0.config.model.block_size,
-            "peak_tflops": peak.flops / 1e12,
-            "peak_source": peak.source,
-            "attention": v0.strategy.unwrapped_model.attention_backend(env.compute_dtype) if v0.strategy.unwrapped_model is not None else "?",
+            "peak_tflops": v0.peak.flops / 1e12,
+            "peak_source": v0.peak.source,
+            "attention": v0.strategy.unwrapped_model.attention_backend(v0.env.compute_dtype) if v0.strategy.unwrapped_model is not None else "?",
             "steps": steps,
             "warmup": warmup,
             "is_main": env.is_main,
@@ -192,11 +208,11 @@ def format_table(results: list[dict], context: dict) -> str:
         f"{context['config']} | {context['strategy']} x {context['world_size']} on {context['device']} | {context['dtype']} | "
         f"micro-batch {context['micro_batch_size']} x block {context['block_size']} | attention {context['attention']} | "
         f"peak {context['peak_tflops']:.3f} TFLOP/s ({context['peak_source']}) | median of {context['steps']} steps after {context['warmup']} warm-up",
-        f"{'variant':40s} {'tok/s':>10s} {'MFU':>6s} {'ms/step':>8s} {'data':>6s} {'fwd':>7s} {'bwd':>7s} {'optim':>7s} {'faults/step':>11s} {'peak MB':>8s} {'ratio':>6s}",
+        f"{'variant':40s} {'dtype':>5s} {'tok/s':>10s} {'MFU':>6s} {'ms/step':>8s} {'data':>6s} {'fwd':>7s} {'bwd':>7s} {'optim':>7s} {'faults/step':>11s} {'peak MB':>8s} {'ratio':>6s}",
     ]
     for r in results:
         lines.append(
-            f"{r['variant'][:40]:40s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {r['ms_per_step']:8.1f} {r['ms_data']:6.1f} "
+            f"{r['variant'][:40]:40s} {r['dtype']:>5s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {r['ms_per_step']:8.1f} {r['ms_data']:6.1f} "
             f"{r['ms_forward']:7.1f} {r['ms_backward']:7.1f} {r['ms_optimizer']:7.1f} {r['page_faults_per_step']:11,.0f} "
             f"{r['peak_memory_mb']:8,.0f} {r['ratio_to_first']:6.2f}"
         )

@@ -14,7 +14,7 @@ from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
 from dist_gpt.data.check import check_prepared_data
 from dist_gpt.engine.build import build, seed_everything
-from dist_gpt.engine.schedule import CosineSchedule
+from dist_gpt.engine.schedule import CosineSchedule, schedule_notice
 from dist_gpt.engine.step import train_step
 from dist_gpt.engine.step_guard import DivergenceGuard
 from dist_gpt.errors import UserError
@@ -23,7 +23,7 @@ from dist_gpt.eval.val_loss import evaluate
 from dist_gpt.parallel import BatchShape
 from dist_gpt.runtime.distributed import DistEnv, all_reduce_mean, destroy_distributed, init_distributed
 from dist_gpt.runtime.metrics import MetricsLogger, device_peak
-from dist_gpt.runtime.precision import dtype_name, dtype_notice
+from dist_gpt.runtime.precision import dtype_description, dtype_name, dtype_notice
 from dist_gpt.train.run_lock import hold_run_dir
 from dist_gpt.train.time_budget import TimeBudget, effective_time_limit, seconds_left
 
@@ -53,7 +53,7 @@ def train(config: Config, env: DistEnv | None = None, micro_batch_size: int | No
     and leaves the group at the end; with env, the caller has done both."""
     if env is not None:
         return _train(config, env, micro_batch_size)
-    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend)
+    env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend, cpu_tensors=config.parallel.fsdp_cpu_offload)
     try:
         with enter_run(config, env):
             return _train(config, env, micro_batch_size)
@@ -106,10 +106,10 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
         eval_in_steps = math.ceil(t.eval_batches / env.world_size) / grad_accum
         budget = TimeBudget(limit_seconds, limit_source, 12 * built.params, eval_in_steps)  # fp32 weights + AdamW's 2 moments
     if env.is_main:
-        notice = dtype_notice(env.compute_dtype, env.device.type)
-        if notice:
-            print(notice, flush=True)
-        precision = dtype_name(env.compute_dtype) + (" + loss scaling" if env.compute_dtype == torch.float16 else "")
+        for notice in (dtype_notice(env.compute_dtype, env.device.type), schedule_notice(t.warmup_steps, t.max_steps)):
+            if notice:
+                print(notice, flush=True)
+        precision = dtype_description(t.dtype, env.compute_dtype, env.device.type)
         print(
             f"run {config.run_dir} | {strategy.name} on {env.world_size} x {env.device.type} | {precision} | compile {'per block' if built.compiled else 'off'} | "
             f"{built.params / 1e6:.2f}M params | micro-batch {micro_batch} x grad-accum {grad_accum} x world {env.world_size} "
