@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ class Built:
     flops_per_token: int  # counted before wrapping (sharding leaves no whole parameters to count)
     params: int  # all parameters (a tied wte/lm_head once), counted before wrapping too
     compiled: bool  # its blocks run through torch.compile
+    loaded_from: str = "scratch"  # what model.init_from loaded, in words, for the run's first line
 
 
 def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
@@ -45,7 +47,23 @@ def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
         compile_blocks(model)
     flops_per_token, params = model.flops_per_token(), model.num_params(non_embedding=False)
     strategy.wrap(model, make_optimizer_factory(config, env.device), batch)
-    return Built(strategy, model, batch, flops_per_token, params, compiled)
+    return Built(strategy, model, batch, flops_per_token, params, compiled, describe_init(config))
+
+
+def describe_init(config: Config) -> str:
+    """What model.init_from loads, in words (which of build_model's three readers, and from where)."""
+    source = config.model.init_from
+    if source == "scratch":
+        return "scratch"
+    from dist_gpt.interop import hf_dir
+
+    if source.endswith(".safetensors"):
+        return f"our export {source}"
+    if hf_dir.is_export(source):
+        return f"our `export --hf` directory {source}"
+    where = "a local Hugging Face directory" if Path(source).is_dir() else "the Hugging Face hub"
+    kept = "every weight" if config.model.position == "learned" else "every weight but the position table (RoPE relearns positions)"
+    return f"OpenAI's GPT-2 {source} ({where}; {kept})"
 
 
 def build_model(config: Config) -> GPT:

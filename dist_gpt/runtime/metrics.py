@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -215,6 +216,21 @@ def strict_json(value):
     return value
 
 
+def _drop_partial_line(file) -> None:
+    """A process killed (or a disk filled) mid-write can leave a last line without its newline: cut it, or the
+    next record would be glued to it and both lost to a JSON reader."""
+    size = file.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    with open(file.name, "rb") as reader:
+        reader.seek(max(0, size - (1 << 16)))
+        tail = reader.read()
+    if not tail.endswith(b"\n"):
+        cut = tail.rfind(b"\n")
+        with contextlib.suppress(OSError):
+            file.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 1 << 16 else size))
+
+
 class MetricsLogger:
     """One JSON object per line in RUN_DIR/metrics.jsonl (always), the console, and wandb when asked.
 
@@ -226,7 +242,10 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "ab", buffering=0)
+        _drop_partial_line(self.file)
+        self.write_failed = False  # warned once per failing stretch; training goes on
         if wandb_mode != "off":
             import wandb
 
@@ -248,11 +267,30 @@ class MetricsLogger:
     def log(self, record: dict, console: str | None = None) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        self._append((json.dumps(strict_json(record), allow_nan=False) + "\n").encode())
         if console:
             print(console, flush=True)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def _append(self, line: bytes) -> None:
+        """One whole line or none: a write that fails part-way (a full disk) is cut back, so the file never holds
+        half a record that the next one would run into. The failure is one warning; the run trains on."""
+        start = self.file.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.file.fileno(), view):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.file.truncate(start)
+            if not self.write_failed:
+                print(f"warning: cannot write {self.path} ({e.strerror or e}): its records are lost until it can; training goes on", flush=True)
+            self.write_failed = True
+            return
+        if self.write_failed:
+            print(f"{self.path} is writable again: records continue (some are missing)", flush=True)
+        self.write_failed = False
 
     def close(self) -> None:
         if not self.enabled:

@@ -6,6 +6,9 @@ the trainer both build through dist_gpt.engine.build, and neither imports the ot
 
 from __future__ import annotations
 
+import dataclasses
+import signal
+
 from dist_gpt.config import Config
 from dist_gpt.parallel import check_strategy
 from dist_gpt.runtime.distributed import DistEnv, destroy_distributed, init_distributed
@@ -18,9 +21,25 @@ def run_training(config: Config) -> dict:
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend, cpu_tensors=config.parallel.fsdp_cpu_offload)
     try:
         with trainer.enter_run(config, env):  # before the autotuner: bad data or a busy run directory cost nothing
+            config = keep_global_batch(config, env.world_size)
             return trainer.train(config, env, resolve_micro_batch_size(config, env))
     finally:
         destroy_distributed()
+
+
+def exit_status(summary: dict) -> int:
+    """The process's exit code for a run that returned: 130 (128 + SIGINT, as a shell reports it) when Ctrl-C
+    stopped it, so that a script going on after training (launch/quickstart.sh samples) stops too; else 0 (a
+    scheduler's SIGTERM/SIGUSR1 and the time limit end a run as planned: saved, to be resumed)."""
+    return 128 + signal.SIGINT if summary.get("stopped_by") == "SIGINT" else 0
+
+
+def keep_global_batch(config: Config, world_size: int) -> Config:
+    """`train.micro_batch_size=auto` over a config whose global batch is its micro-batch x world (global_batch_size
+    0): that global batch, fixed before the autotuner runs, so the autotuner changes only how it is split."""
+    if config.micro_batch_before_auto is None:
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=config.micro_batch_before_auto * world_size))
 
 
 def resolve_micro_batch_size(config: Config, env: DistEnv) -> int:

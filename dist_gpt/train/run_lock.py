@@ -63,6 +63,7 @@ def hold_run_dir(run_dir: Path, is_main: bool):
     """Global rank 0 holds the run directory's lock while inside; when another run holds it, every rank leaves
     (none waits for a rank that has gone), rank 0 with the UserError, the others quietly with the same exit code."""
     lock = RunLock(run_dir)
+    new_dir = not Path(run_dir).exists()
     refusal = None
     if is_main:
         try:
@@ -76,6 +77,13 @@ def hold_run_dir(run_dir: Path, is_main: bool):
         raise SystemExit(2)  # rank 0 says why, once
     try:
         yield
+    except (UserError, SystemExit):
+        if is_main and new_dir and [p.name for p in Path(run_dir).iterdir()] == [LOCK_FILE]:
+            # A mistake found before the run wrote anything (a DeepSpeed JSON, a batch that does not divide): no
+            # run directory holding only an empty-looking run.lock is left behind to puzzle over.
+            lock.path.unlink()
+            Path(run_dir).rmdir()
+        raise
     finally:
         lock.release()
 
