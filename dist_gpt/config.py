@@ -109,6 +109,7 @@ class CheckpointSection:
     async_save: bool = False  # write checkpoints in the background while training goes on
     remote: str = ""  # a URL (s3://bucket/prefix, gs://..., az://..., file:///mnt/drive): every checkpoint is also uploaded there, under <run name>/; '' = off
     remote_wait_minutes: float = 10.0  # how long the end of a run waits for its last upload (never past train.time_limit)
+    allow_other_data: bool = False  # resume although the prepared data differ from those the checkpoint recorded
 
 
 @dataclass
@@ -341,11 +342,9 @@ def _coerce(key: str, value, hint):
     if isinstance(value, bool) and bool not in allowed:
         raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")
     for kind in allowed:
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is float and isinstance(value, str):
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+                return float(value)  # a string too: YAML 1.1 reads "1e-3" (no dot) as one
             except ValueError:
                 pass
         if isinstance(value, kind):

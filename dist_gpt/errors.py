@@ -43,7 +43,7 @@ def cli(main):
             sys.exit(2)
         except KeyboardInterrupt as e:
             if os.environ.get("RANK", "0") == "0":
-                sys.stderr.write(f"{e if isinstance(e, Interrupted) else 'interrupted (Ctrl-C): stopped before training began, nothing to save'}\n")
+                sys.stderr.write(f"{e if isinstance(e, Interrupted) else 'interrupted (Ctrl-C)'}\n")
             sys.exit(INTERRUPTED_EXIT)
         except BrokenPipeError:
             # What the reader wanted is shown; the interpreter's own flush at exit must not fail again on stdout.

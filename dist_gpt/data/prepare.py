@@ -43,6 +43,16 @@ BATCH_DOCUMENTS = 8192
 COPY_CHUNK_TOKENS = 1 << 24
 
 
+# What makes prepared data these data: the inputs' content, how they were split and tokenized, what came out.
+IDENTITY_KEYS = ("input_sha256", "tokenizer", "val_fraction", "text_field", "hf_split", "train_tokens", "val_tokens")
+
+
+def data_identity(meta: dict) -> dict:
+    """The part of meta.json a checkpoint records (checkpoint/resume.py compares it on resume); not the folder,
+    the time or the speed of the prepare: the same data moved or prepared again are the same data."""
+    return {key: meta.get(key) for key in IDENTITY_KEYS}
+
+
 def prepare_command(config: Config) -> str:
     """The command that prepares the data `config` trains on: `--config NAME` for a preset, with a flag for each
     data key the run changed (a YAML file's name is no preset: its data keys as flags)."""

@@ -113,6 +113,7 @@ def launch(argv: list[str]) -> int:
     # torch.distributed logs through its own stderr handler: its warnings and errors would follow the workers' lines
     logging.getLogger("torch.distributed").handlers = [logging.NullHandler()]
     say_restarts()
+    _signal_the_workers_once()
     # A restarted worker group must not reuse the rendezvous' TCP store for its process group: in torch 2.13 it
     # did, and the first restart failed every time (gloo connectFullMesh: connection refused; pytorch#135712).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -151,3 +152,22 @@ def say_restarts() -> None:
     if not any(isinstance(h, _RestartLine) for h in agent.handlers):
         agent.setLevel(min(agent.getEffectiveLevel(), logging.INFO))
         agent.addHandler(_RestartLine())
+
+
+def _signal_the_workers_once() -> None:
+    """The agent handles only the first stop signal. On it, it relays the signal to the workers and waits for them
+    to save and exit; a second Ctrl-C would break that wait (torch raises again inside it), the launcher would
+    exit at once and the workers die with it (exit_with_launcher) before they clean up and say what is kept. The
+    terminal sends that second Ctrl-C to the workers too: they stop at once themselves, and say so."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    original = getattr(api._terminate_process_handler, "__wrapped__", api._terminate_process_handler)
+    seen = []
+
+    def handler(signum, frame):
+        if not seen:
+            seen.append(signum)
+            original(signum, frame)
+
+    handler.__wrapped__ = original
+    api._terminate_process_handler = handler

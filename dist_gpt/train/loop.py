@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dist_gpt.checkpoint.checkpointer import Checkpointer
+from dist_gpt.checkpoint.resume import DataRecord
 from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
 from dist_gpt.data.check import check_prepared_data
-from dist_gpt.data.prepare import prepare_command
+from dist_gpt.data.prepare import data_identity, prepare_command
 from dist_gpt.engine.build import build, seed_everything
 from dist_gpt.engine.schedule import CosineSchedule, schedule_notice
 from dist_gpt.engine.step import train_step
@@ -38,6 +39,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     wandb_run_id: str | None = None
+    global_batch: int = 0  # sequences per optimizer step: a resume keeps it (dist_gpt.train.run.keep_global_batch)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -91,9 +93,10 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
 
     loader = TokenLoader(config.data_dir / "train.bin", config.model.block_size, micro_batch, env.rank, env.world_size, seed=t.seed, device=env.device)
     schedule = CosineSchedule(t.lr, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
-    state = TrainState()
+    state = TrainState(global_batch=micro_batch * grad_accum * env.world_size)
     peak = device_peak(env.device, env.compute_dtype, t.peak_tflops)  # before the RNG is set: it may draw random matrices
-    checkpointer = Checkpointer(config, env, strategy, {"loader": loader, "train_state": state, "loss_scaler": strategy.scaler})
+    parts = {"loader": loader, "train_state": state, "loss_scaler": strategy.scaler, "data": DataRecord(data_identity(meta))}
+    checkpointer = Checkpointer(config, env, strategy, parts)
     resumed_from = checkpointer.resume()
     if not checkpointer.rng_restored:  # a resumed rank continues its saved RNG stream (dropout), bit for bit
         seed_everything(t.seed + env.rank + state.step)  # a fresh run, or a rank the saving run did not have
@@ -189,7 +192,8 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                 checkpointer.save(state.step)
             if stop_reason:
                 break
-    checkpointer.finish(upload_wait_seconds=min(60 * config.checkpoint.remote_wait_minutes, seconds_left(limit_seconds)))
+        # inside: a second Ctrl-C while the last save is written (or uploaded) is said in one line too
+        checkpointer.finish(upload_wait_seconds=min(60 * config.checkpoint.remote_wait_minutes, seconds_left(limit_seconds)))
     if result is not None and logged_step != state.step:  # stopped between log lines: the done line shows the last step's loss
         train_loss = all_reduce_mean(result.loss).item()  # every rank ran the same steps: the collective matches
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import dataclasses
 import signal
 
+from dist_gpt.checkpoint.manifest import read_manifest
+from dist_gpt.checkpoint.resume import checkpoint_to_resume
+from dist_gpt.checkpoint.storage import LocalStorage
 from dist_gpt.config import Config
+from dist_gpt.errors import UserError
 from dist_gpt.parallel import check_strategy
 from dist_gpt.runtime.distributed import DistEnv, destroy_distributed, init_distributed
 from dist_gpt.runtime.metrics import reset_peak_memory
@@ -21,7 +25,7 @@ def run_training(config: Config) -> dict:
     env = init_distributed(config.train.device, config.train.dtype, config.parallel.backend, cpu_tensors=config.parallel.fsdp_cpu_offload)
     try:
         with trainer.enter_run(config, env):  # before the autotuner: bad data or a busy run directory cost nothing
-            config = keep_global_batch(config, env.world_size)
+            config = keep_global_batch(config, env)
             return trainer.train(config, env, resolve_micro_batch_size(config, env))
     finally:
         destroy_distributed()
@@ -34,12 +38,31 @@ def exit_status(summary: dict) -> int:
     return 128 + signal.SIGINT if summary.get("stopped_by") == "SIGINT" else 0
 
 
-def keep_global_batch(config: Config, world_size: int) -> Config:
-    """`train.micro_batch_size=auto` over a config whose global batch is its micro-batch x world (global_batch_size
-    0): that global batch, fixed before the autotuner runs, so the autotuner changes only how it is split."""
-    if config.micro_batch_before_auto is None:
+def keep_global_batch(config: Config, env: DistEnv) -> Config:
+    """A config whose global batch is its micro-batch x world (global_batch_size 0) gets a fixed one, before the
+    autotuner runs: a resumed run the checkpoint's (on another number of processes grad-accum changes, not the
+    batch), and `train.micro_batch_size=auto` over a number that number's x world (the autotuner only splits it)."""
+    if config.train.global_batch_size:
         return config
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=config.micro_batch_before_auto * world_size))
+    resumed = _resumed_global_batch(config)
+    keep = resumed or (config.micro_batch_before_auto or 0) * env.world_size
+    if not keep or (config.train.micro_batch_size != "auto" and keep == int(config.train.micro_batch_size) * env.world_size):
+        return config  # 0 already means it
+    if resumed and env.is_main and config.train.micro_batch_size != "auto":
+        print(f"global batch kept at the checkpoint's {resumed} sequences (train.global_batch_size=0 would make it micro-batch "
+              f"{config.train.micro_batch_size} x world {env.world_size}): grad-accum makes up the difference", flush=True)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=keep))
+
+
+def _resumed_global_batch(config: Config) -> int:
+    """The global batch of the checkpoint this run will resume (0: none, or one from before it was recorded)."""
+    ckpt_dir, _ = checkpoint_to_resume(config, LocalStorage(config.run_dir / "checkpoints"))
+    if ckpt_dir is None:
+        return 0
+    try:
+        return int(read_manifest(ckpt_dir)["parts"]["train_state"].get("global_batch", 0))
+    except (UserError, KeyError):
+        return 0  # a damaged checkpoint: the resume says so, with the fix
 
 
 def resolve_micro_batch_size(config: Config, env: DistEnv) -> int:
