@@ -2,7 +2,7 @@
 model, trained on these data), and loading it into the strategy and the run's parts.
 
 Every check that one rank makes for all (rank 0 reads the files back) is shared before any rank acts on it: all
-ranks stop together, rank 0 with the one line, the others quietly (no peer's traceback after it)."""
+ranks stop together with the same line (no peer's traceback after it)."""
 
 from __future__ import annotations
 
@@ -106,8 +106,7 @@ def newest_intact_before(ckpt_dir: Path) -> Path | None:
 
 def check_before_loading(ckpt_dir: Path, config: Config, env: DistEnv) -> dict:
     """The checkpoint's manifest, once rank 0 has found it intact and every rank has found it of this model and
-    these data; else every rank stops: rank 0 with the line (naming an intact older checkpoint, if the run has
-    one), the others quietly."""
+    these data; else every rank stops with the same line (naming an intact older checkpoint, if the run has one)."""
     problem = None
     if env.is_main:
         problem = damage(ckpt_dir)
@@ -124,9 +123,7 @@ def check_before_loading(ckpt_dir: Path, config: Config, env: DistEnv) -> dict:
             return manifest
         except UserError as e:
             problem = str(e)  # every rank reads the same manifest and meta.json: every rank is here
-    if env.is_main:
-        raise UserError(problem)
-    raise SystemExit(2)  # rank 0 says why, once
+    raise UserError(problem)  # on every rank: whichever a launcher sees end first carries the line (ours prints it once)
 
 
 def check_same_data(ckpt_dir: Path, manifest: dict, config: Config) -> None:

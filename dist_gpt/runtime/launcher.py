@@ -15,6 +15,7 @@ code is ours, an interrupt exits 128 + the signal once the workers have saved, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -127,7 +128,7 @@ def launch(argv: list[str]) -> int:
         ours = sorted((f for f in e.failures.values() if str(f.message).startswith("error: ")), key=lambda f: f.timestamp)
         if ours:  # the workers' one line (every rank may have found the same mistake): once
             sys.stderr.write(f"{ours[0].message}\n")
-            return ours[0].exitcode
+            return ours[0].exitcode if ours[0].exitcode > 0 else 2  # stopped by the agent after its line was written
         if failure.exitcode > 0:
             return failure.exitcode  # the worker said why (its traceback, for a bug)
         name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else f"signal {-failure.exitcode}"
@@ -155,10 +156,12 @@ def say_restarts() -> None:
 
 
 def _signal_the_workers_once() -> None:
-    """The agent handles only the first stop signal. On it, it relays the signal to the workers and waits for them
-    to save and exit; a second Ctrl-C would break that wait (torch raises again inside it), the launcher would
-    exit at once and the workers die with it (exit_with_launcher) before they clean up and say what is kept. The
-    terminal sends that second Ctrl-C to the workers too: they stop at once themselves, and say so."""
+    """The agent handles the first stop signal: it relays it to the workers (each in a session of its own, out of
+    the terminal's reach) and waits for them to save and exit. A later signal (a second Ctrl-C) would break that
+    wait (torch raises again inside it): the launcher would exit at once and the workers die with it
+    (exit_with_launcher) before they clean up and say what is kept. Instead it is relayed to the workers, who
+    stop at once and say so, while the agent goes on waiting for them."""
+    import psutil
     from torch.distributed.elastic.multiprocessing import api
 
     original = getattr(api._terminate_process_handler, "__wrapped__", api._terminate_process_handler)
@@ -168,6 +171,9 @@ def _signal_the_workers_once() -> None:
         if not seen:
             seen.append(signum)
             original(signum, frame)
+        for worker in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                worker.send_signal(signum)
 
     handler.__wrapped__ = original
     api._terminate_process_handler = handler
