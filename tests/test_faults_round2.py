@@ -136,8 +136,8 @@ def test_damaged_newest_checkpoint_under_two_ranks_names_the_intact_one(tiny_dat
     code, lines = screen(launch2(tiny_data, tmp_path, "run", train__max_steps=6, checkpoint__every_steps=2, train__micro_batch_size=1))
     assert code == 2, lines[-20:]
     no_traceback(lines)
-    assert lines[-1] == (f"error: checkpoint {newest}: {shard.name} fails its checksum (corrupt); the newest intact checkpoint is {intact} (kept): "
-                         f"resume from it with checkpoint.resume={intact}"), lines[-5:]
+    assert lines[-1] == (f"error: checkpoint {newest}: {shard.name} fails its checksum (corrupt); resume from another step_* directory: "
+                         f"the newest intact one is {intact} (kept): checkpoint.resume={intact}"), lines[-5:]
     assert sum(line.startswith("error:") for line in lines) == 1
 
     code, lines = screen(launch2(tiny_data, tmp_path, "run", checkpoint__resume=intact, train__max_steps=6, checkpoint__every_steps=2, train__micro_batch_size=1))

@@ -95,7 +95,7 @@ def damage(ckpt_dir: Path) -> str | None:
         verify_files(ckpt_dir, read_manifest(ckpt_dir))
         return None
     except UserError as e:
-        return str(e).split("; resume from")[0]
+        return str(e)
 
 
 def newest_intact_before(ckpt_dir: Path) -> Path | None:
@@ -112,8 +112,8 @@ def check_before_loading(ckpt_dir: Path, config: Config, env: DistEnv) -> dict:
         problem = damage(ckpt_dir)
         if problem is not None:
             older = newest_intact_before(ckpt_dir)
-            problem += (f"; the newest intact checkpoint is {older} (kept): resume from it with checkpoint.resume={older}"
-                        if older else "; this run has no intact older checkpoint: start over with train.run_name=NEW (or checkpoint.resume=never)")
+            problem += (f": the newest intact one is {older} (kept): checkpoint.resume={older}" if older
+                        else " (this run has no intact older one: start over with train.run_name=NEW)")
     problem = broadcast_from_main(problem)
     if problem is None:
         manifest = read_manifest(ckpt_dir)

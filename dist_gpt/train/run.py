@@ -48,9 +48,16 @@ def keep_global_batch(config: Config, env: DistEnv) -> Config:
     keep = resumed or (config.micro_batch_before_auto or 0) * env.world_size
     if not keep or (config.train.micro_batch_size != "auto" and keep == int(config.train.micro_batch_size) * env.world_size):
         return config  # 0 already means it
-    if resumed and env.is_main and config.train.micro_batch_size != "auto":
-        print(f"global batch kept at the checkpoint's {resumed} sequences (train.global_batch_size=0 would make it micro-batch "
-              f"{config.train.micro_batch_size} x world {env.world_size}): grad-accum makes up the difference", flush=True)
+    if resumed and config.train.micro_batch_size != "auto":
+        micro, now = int(config.train.micro_batch_size), int(config.train.micro_batch_size) * env.world_size
+        if resumed % now:  # cannot be split so: say it, rather than stop a resume on another world size
+            if env.is_main:
+                print(f"warning: the checkpoint's global batch of {resumed} sequences cannot be split into micro-batch {micro} x world "
+                      f"{env.world_size}: training with {now} (train.global_batch_size=0); a micro-batch dividing {resumed // env.world_size or 1} keeps it", flush=True)
+            return config
+        if env.is_main:
+            print(f"global batch kept at the checkpoint's {resumed} sequences (train.global_batch_size=0 would make it micro-batch "
+                  f"{micro} x world {env.world_size}): grad-accum makes up the difference", flush=True)
     return dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=keep))
 
 
