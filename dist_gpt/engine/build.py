@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,19 +50,12 @@ def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
 
 
 def describe_init(config: Config) -> str:
-    """What model.init_from loads, in words (which of build_model's three readers, and from where)."""
-    source = config.model.init_from
-    if source == "scratch":
+    """What model.init_from loads, in words, for the run's first line."""
+    if config.model.init_from == "scratch":
         return "scratch"
-    from dist_gpt.interop import hf_dir
+    from dist_gpt.interop import describe_source
 
-    if source.endswith(".safetensors"):
-        return f"our export {source}"
-    if hf_dir.is_export(source):
-        return f"our `export --hf` directory {source}"
-    where = "a local Hugging Face directory" if Path(source).is_dir() else "the Hugging Face hub"
-    kept = "every weight" if config.model.position == "learned" else "every weight but the position table (RoPE relearns positions)"
-    return f"OpenAI's GPT-2 {source} ({where}; {kept})"
+    return describe_source(config.model.init_from, config.model.position)
 
 
 def build_model(config: Config) -> GPT:
