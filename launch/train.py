@@ -38,7 +38,7 @@ def main() -> None:
     if wants_launch(args):
         preflight(config, args)  # a mistake is said once, before any worker starts
         worker_args = ["--config", args.config, *(["--ds_config", args.ds_config] if args.ds_config else []), *args.overrides]
-        sys.exit(launch(torchrun_argv(args, __file__, worker_args)))
+        sys.exit(launch(torchrun_argv(args, __file__, worker_args), config.run_dir))
 
     from dist_gpt.train.run import exit_status, run_training  # here: --help, --print-config and the launcher need none of its imports
 

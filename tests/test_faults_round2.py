@@ -307,6 +307,8 @@ def test_a_mistake_workers_find_is_said_once_and_leaves_no_run_dir(tiny_data, tm
     assert code == 2 and lines[-1] == f"error: DeepSpeed config {tmp_path / 'missing.json'} does not exist: give one of ds_configs/zero{{0,1,2,3}}.json or zero3-offload.json", lines
     assert sum("error" in line.lower() for line in lines) == 1, lines
     assert not (tmp_path / "run").exists()
+    code, lines = screen(launch2(tiny_data, tmp_path, "run", train__global_batch_size=6))  # found by the launcher, before any worker
+    assert code == 2 and lines == ["error: train.global_batch_size=6 is not divisible by micro_batch_size x world size = 4 x 2 = 8: make it a multiple of 8"], lines
 
 
 def test_a_closed_pipe_ends_quietly():

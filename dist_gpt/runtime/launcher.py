@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from dist_gpt.config import Config, check_runtime
 from dist_gpt.errors import QUIET_WORKER_ENV, UserError
@@ -101,8 +102,21 @@ def exit_with_launcher() -> None:
         os._exit(1)  # the launcher is already gone
 
 
-def launch(argv: list[str]) -> int:
-    """Run torchrun with argv (its options, the script, the script's arguments) in this process; the exit code."""
+def launch(argv: list[str], run_dir: Path | None = None) -> int:
+    """Run torchrun with argv (its options, the script, the script's arguments) in this process; the exit code.
+    run_dir: the run's directory, removed after a failure if this launch made it and left only its run.lock."""
+    new_dir = run_dir is not None and not run_dir.exists()
+    try:
+        return _launch(argv)
+    finally:
+        if new_dir and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["run.lock"]:
+            # the workers are gone: a mistake they found before writing anything leaves no directory to puzzle over
+            with contextlib.suppress(OSError):
+                (run_dir / "run.lock").unlink()
+                run_dir.rmdir()
+
+
+def _launch(argv: list[str]) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from dist_gpt.errors import UserError
+from dist_gpt.errors import QUIET_WORKER_ENV, UserError
 from dist_gpt.runtime.distributed import broadcast_from_main
 
 LOCK_FILE = "run.lock"
@@ -72,7 +72,7 @@ def hold_run_dir(run_dir: Path, is_main: bool):
             refusal = str(e)
     refusal = broadcast_from_main(refusal)
     if refusal:
-        if is_main:
+        if is_main or os.environ.get(QUIET_WORKER_ENV):  # under our launcher every rank's line goes to it, which says it once
             raise UserError(refusal)
         raise SystemExit(2)  # rank 0 says why, once
     try:
