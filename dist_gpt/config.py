@@ -262,10 +262,9 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
         mark = getattr(e, "problem_mark", None)  # where the parser stopped: the line to look at
         where = f"{name_or_path}:{mark.line + 1}:{mark.column + 1}" if mark else name_or_path
         raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
-    if raw is None:  # an empty file would train the defaults (GPT-2 124M) without a word
-        raise UserError(f"{name_or_path} is empty: write the sections to change (see --print-config), or give a preset ({', '.join(preset_names())})")
-    if not isinstance(raw, dict):
-        raise UserError(f"{name_or_path} must be a mapping of sections ({', '.join(SECTIONS)})")
+    if not isinstance(raw, dict):  # an empty file (None) would train the defaults (GPT-2 124M) without a word
+        raise UserError(f"{name_or_path} is empty: write the sections to change (see --print-config), or give a preset ({', '.join(preset_names())})"
+                        if raw is None else f"{name_or_path} must be a mapping of sections ({', '.join(SECTIONS)})")
     raw.setdefault("name", name)
     before = (raw.get("train") if isinstance(raw.get("train"), dict) else {}).get("micro_batch_size", TrainSection.micro_batch_size)
     for item in overrides:
@@ -424,8 +423,6 @@ def check_runtime(config: Config, world_size: int, device_type: str, micro_batch
     per_step = micro_batch_size * world_size
     global_batch = config.train.global_batch_size or per_step
     if global_batch % per_step:
-        raise UserError(
-            f"train.global_batch_size={global_batch} is not divisible by micro_batch_size x world size = "
-            f"{micro_batch_size} x {world_size} = {per_step}: make it a multiple of {per_step}"
-        )
+        raise UserError(f"train.global_batch_size={global_batch} is not divisible by micro_batch_size x world size = "
+                        f"{micro_batch_size} x {world_size} = {per_step}: make it a multiple of {per_step}")
     return global_batch // per_step

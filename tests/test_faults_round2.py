@@ -1,7 +1,7 @@
 """Faults and mistakes, round two (issue 20), each through the real entry point: a read-only checkpoint disk under
 2 ranks, a full disk under metrics.jsonl, resume=PATH to an older step, a damaged newest checkpoint under 2
 ranks, re-prepared data, config drift, the global batch on another world size and with micro_batch_size=auto,
---max-restarts, a killed launcher, a second Ctrl-C, Ctrl-C's exit code, mistakes at the door, `| head`, the plot."""
+a killed launcher (--max-restarts: tests/test_remote_checkpoint.py), a second Ctrl-C, Ctrl-C's exit code, mistakes at the door, `| head`, the plot."""
 
 from __future__ import annotations
 
@@ -187,21 +187,6 @@ def test_auto_micro_batch_keeps_the_configs_global_batch():
 
 
 # ---------------------------------------------------------------------------------------------- launchers and signals
-
-
-def test_max_restarts_restarts_and_finishes(tiny_data, tmp_path):
-    """Item 8: a worker killed mid-run with --max-restarts=1: one line says the workers restart; they resume
-    from the newest checkpoint and finish (before the fix the restarted group failed in gloo every time)."""
-    proc = Proc(launch2(tiny_data, tmp_path, "run", "--max-restarts=1", train__max_steps=8, checkpoint__every_steps=2), tmp_path / "log")
-    assert proc.wait_for_line("checkpoint saved", TIMEOUT_S), proc.text()
-    workers = psutil.Process(proc.popen.pid).children()
-    assert len(workers) == 2
-    workers[1].kill()
-    code = proc.finish(TIMEOUT_S)
-    text = proc.text()
-    assert code == 0, text[-3000:]
-    assert text.count("restarting the workers after a failure (restart 1 of --max-restarts=1") == 1
-    assert "resumed from" in text.split("restarting the workers")[1] and latest_name(tmp_path / "run") == "step_000008"
 
 
 def test_a_killed_launcher_takes_its_workers_with_it(tiny_data, tmp_path):

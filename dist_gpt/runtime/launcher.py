@@ -129,9 +129,6 @@ def _launch(argv: list[str]) -> int:
     logging.getLogger("torch.distributed").handlers = [logging.NullHandler()]
     say_restarts()
     _signal_the_workers_once()
-    # A restarted worker group must not reuse the rendezvous' TCP store for its process group: in torch 2.13 it
-    # did, and the first restart failed every time (gloo connectFullMesh: connection refused; pytorch#135712).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.environ[QUIET_WORKER_ENV] = "1"  # a worker's error line: printed here, once, not once per rank
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     try:
