@@ -380,24 +380,12 @@ def check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{key}={value} must be at least 1")
-    non_negative = {
-        "train.global_batch_size": t.global_batch_size,
-        "train.warmup_steps": t.warmup_steps,
-        "train.lr_decay_steps": t.lr_decay_steps,
-        "train.eval_every": t.eval_every,
-        "train.grad_clip": t.grad_clip,
-        "train.peak_tflops": t.peak_tflops,
-        "train.weight_decay": t.weight_decay,
-        "checkpoint.every_steps": config.checkpoint.every_steps,
-        "checkpoint.every_minutes": config.checkpoint.every_minutes,
-        "checkpoint.remote_wait_minutes": config.checkpoint.remote_wait_minutes,
-        "train.max_skipped_steps": t.max_skipped_steps,
-        "data.max_tokens": config.data.max_tokens,
-        **{f"train.{key}": getattr(t, key) for key in ("eval_task_every", "eval_task_limit")},
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{key}={value} must not be negative")
+    non_negative = [f"train.{key}" for key in ("global_batch_size", "warmup_steps", "lr_decay_steps", "eval_every", "grad_clip", "peak_tflops",
+                                               "weight_decay", "max_skipped_steps", "eval_task_every", "eval_task_limit")]
+    for key in non_negative + ["checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.remote_wait_minutes", "data.max_tokens"]:
+        section, _, leaf = key.partition(".")
+        if getattr(getattr(config, section), leaf) < 0:
+            raise UserError(f"{key}={getattr(getattr(config, section), leaf)} must not be negative")
     parse_time_limit(t.time_limit)
     if 0 < t.lr_decay_steps < t.warmup_steps:
         # The cosine would start after it ended: warmup to the full lr, then straight down to min_lr.
