@@ -8,6 +8,7 @@ the runtime (world size, the data's length) live in `check_runtime`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import io
@@ -108,6 +109,7 @@ class CheckpointSection:
     async_save: bool = False  # write checkpoints in the background while training goes on
     remote: str = ""  # a URL (s3://bucket/prefix, gs://..., az://..., file:///mnt/drive): every checkpoint is also uploaded there, under <run name>/; '' = off
     remote_wait_minutes: float = 10.0  # how long the end of a run waits for its last upload (never past train.time_limit)
+    allow_other_data: bool = False  # resume although the prepared data differ from those the checkpoint recorded
 
 
 @dataclass
@@ -119,6 +121,7 @@ class Config:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    micro_batch_before_auto = None  # not a key (no annotation): set by load_config (see there), read by dist_gpt.train.run
 
     @property
     def run_dir(self) -> Path:
@@ -254,15 +257,24 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
             raise UserError(f"no config preset named {name_or_path!r}: choose one of {', '.join(preset_names())}, or give a .yaml path")
         text, name = resource.read_text(), name_or_path
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"{name_or_path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{name_or_path} must be a mapping of sections ({', '.join(SECTIONS)})")
+        mark = getattr(e, "problem_mark", None)  # where the parser stopped: the line to look at
+        where = f"{name_or_path}:{mark.line + 1}:{mark.column + 1}" if mark else name_or_path
+        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):  # an empty file (None) would train the defaults (GPT-2 124M) without a word
+        raise UserError(f"{name_or_path} is empty: write the sections to change (see --print-config), or give a preset ({', '.join(preset_names())})"
+                        if raw is None else f"{name_or_path} must be a mapping of sections ({', '.join(SECTIONS)})")
     raw.setdefault("name", name)
+    before = (raw.get("train") if isinstance(raw.get("train"), dict) else {}).get("micro_batch_size", TrainSection.micro_batch_size)
     for item in overrides:
         _apply_override(raw, item)
-    return from_dict(raw)
+    config = from_dict(raw)
+    # global_batch_size 0 means micro-batch x world: `micro_batch_size=auto` over a number keeps that number's
+    # global batch (dist_gpt.train.run resolves it with the world size, before the autotuner runs)
+    if config.train.micro_batch_size == "auto" and not config.train.global_batch_size and type(before) is int:
+        config.micro_batch_before_auto = before
+    return config
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -313,7 +325,8 @@ def _build_section(section: str, cls: type, values: dict):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"unknown key {section}.{key}: the keys of {section} are {', '.join(hints)}")
+            near = "".join(f"; did you mean {section}.{k}?" for k in difflib.get_close_matches(str(key), hints, n=1))
+            raise UserError(f"unknown key {section}.{key}: the keys of {section} are {', '.join(hints)}{near}")
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -328,11 +341,9 @@ def _coerce(key: str, value, hint):
     if isinstance(value, bool) and bool not in allowed:
         raise UserError(f"{key} must be {_type_names(allowed)}, got {value!r}")
     for kind in allowed:
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is float and isinstance(value, str):
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+                return float(value)  # a string too: YAML 1.1 reads "1e-3" (no dot) as one
             except ValueError:
                 pass
         if isinstance(value, kind):
@@ -369,28 +380,18 @@ def check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{key}={value} must be at least 1")
-    non_negative = {
-        "train.global_batch_size": t.global_batch_size,
-        "train.warmup_steps": t.warmup_steps,
-        "train.lr_decay_steps": t.lr_decay_steps,
-        "train.eval_every": t.eval_every,
-        "train.grad_clip": t.grad_clip,
-        "train.peak_tflops": t.peak_tflops,
-        "train.weight_decay": t.weight_decay,
-        "checkpoint.every_steps": config.checkpoint.every_steps,
-        "checkpoint.every_minutes": config.checkpoint.every_minutes,
-        "checkpoint.remote_wait_minutes": config.checkpoint.remote_wait_minutes,
-        "train.max_skipped_steps": t.max_skipped_steps,
-        "data.max_tokens": config.data.max_tokens,
-        **{f"train.{key}": getattr(t, key) for key in ("eval_task_every", "eval_task_limit")},
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{key}={value} must not be negative")
+    non_negative = [f"train.{key}" for key in ("global_batch_size", "warmup_steps", "lr_decay_steps", "eval_every", "grad_clip", "peak_tflops",
+                                               "weight_decay", "max_skipped_steps", "eval_task_every", "eval_task_limit")]
+    for key in non_negative + ["checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.remote_wait_minutes", "data.max_tokens"]:
+        section, _, leaf = key.partition(".")
+        if getattr(getattr(config, section), leaf) < 0:
+            raise UserError(f"{key}={getattr(getattr(config, section), leaf)} must not be negative")
     parse_time_limit(t.time_limit)
     if 0 < t.lr_decay_steps < t.warmup_steps:
         # The cosine would start after it ended: warmup to the full lr, then straight down to min_lr.
         raise UserError(f"train.lr_decay_steps={t.lr_decay_steps} ends the decay before train.warmup_steps={t.warmup_steps} end the warmup: set lr_decay_steps >= warmup_steps (or 0 = max_steps)")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):  # AdamW would refuse them with a traceback
+        raise UserError(f"train.beta1={t.beta1} and train.beta2={t.beta2} must be in [0, 1) (e.g. 0.9 and 0.95)")
     if not 0 < t.lr or not 0 <= t.min_lr <= t.lr:
         raise UserError(f"need 0 < train.lr and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     if not 0.0 < config.data.val_fraction < 1.0:
@@ -410,8 +411,6 @@ def check_runtime(config: Config, world_size: int, device_type: str, micro_batch
     per_step = micro_batch_size * world_size
     global_batch = config.train.global_batch_size or per_step
     if global_batch % per_step:
-        raise UserError(
-            f"train.global_batch_size={global_batch} is not divisible by micro_batch_size x world size = "
-            f"{micro_batch_size} x {world_size} = {per_step}: make it a multiple of {per_step}"
-        )
+        raise UserError(f"train.global_batch_size={global_batch} is not divisible by micro_batch_size x world size = "
+                        f"{micro_batch_size} x {world_size} = {per_step}: make it a multiple of {per_step}")
     return global_batch // per_step

@@ -13,20 +13,42 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, wrong checkpoint). Its message is the fix."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C stopped the run at once; its message says what was kept (printed by `cli`, exit 130)."""
+
+
+QUIET_WORKER_ENV = "DIST_GPT_QUIET_WORKER"  # set by our launcher: it prints a worker's error line, once for all ranks
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, as `yes | head` ends
+
+
 def cli(main):
-    """Decorate a command-line entry point: a UserError prints `error: <message>` and exits 2."""
+    """Decorate a command-line entry point: a UserError prints `error: <message>` and exits 2; Ctrl-C outside
+    the training loop's own handling prints one line and exits 130; a reader that went away (`| head`) ends it
+    quietly."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            sys.stdout.flush()  # here, not at exit: a closed pipe is then ours to handle
+            return result
         except UserError as e:
-            # One write of the whole line: the ranks of a launch share the terminal, and print()'s separate
-            # write of the newline let two ranks' lines run into one.
-            sys.stderr.write(f"error: {e}\n")
-            sys.stderr.flush()
-            tell_torchrun(f"error: {e}")
+            if not (os.environ.get(QUIET_WORKER_ENV) and tell_torchrun(f"error: {e}")):
+                # One write of the whole line: the ranks of a launch share the terminal, and print()'s separate
+                # write of the newline let two ranks' lines run into one.
+                sys.stderr.write(f"error: {e}\n")
+                sys.stderr.flush()
+                tell_torchrun(f"error: {e}")
             sys.exit(2)
+        except KeyboardInterrupt as e:
+            if os.environ.get("RANK", "0") == "0":
+                sys.stderr.write(f"{e if isinstance(e, Interrupted) else 'interrupted (Ctrl-C)'}\n")
+            sys.exit(INTERRUPTED_EXIT)
+        except BrokenPipeError:
+            # What the reader wanted is shown; the interpreter's own flush at exit must not fail again on stdout.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(BROKEN_PIPE_EXIT)
 
     return wrapper
 
@@ -56,7 +78,7 @@ def run_worker_entry_point(main) -> None:
     os._exit(code or 0)
 
 
-def tell_torchrun(message: str) -> None:
+def tell_torchrun(message: str) -> bool:
     """Under the `torchrun` command, also write the message where its failure report looks (the worker's error
     file): the report then names our error instead of pointing at its docs. It still prints its traceback,
     which no worker can prevent: `python launch/train.py --nproc_per_node=N` avoids it (dist_gpt/runtime/launcher.py)."""
@@ -65,8 +87,10 @@ def tell_torchrun(message: str) -> None:
         try:
             with open(path, "w") as f:
                 json.dump({"message": message, "timestamp": int(time.time())}, f)
+            return True
         except OSError:
             pass  # the report then says less; the message is on the screen already
+    return False
 
 
 def read_json_file(path, missing: str, corrupt: str) -> dict:

@@ -15,5 +15,12 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e .
 
 python -m dist_gpt.prepare --config bible-tiny
-python launch/train.py --config bible-tiny "$@"   # one process: no launcher needed
-python -m dist_gpt.sample --ckpt out/bible-tiny --prompt "En el principio" --max-new-tokens 100
+python launch/train.py --config bible-tiny "$@"   # one process: no launcher needed; Ctrl-C saves and exits 130, which stops here
+out_dir=out run_name=bible-tiny   # where the run lives, as train.out_dir= / train.run_name= passed above say
+for arg in "$@"; do
+  case "$arg" in
+    train.out_dir=*) out_dir="${arg#*=}" ;;
+    train.run_name=*) run_name="${arg#*=}" ;;
+  esac
+done
+python -m dist_gpt.sample --ckpt "$out_dir/$run_name" --prompt "En el principio" --max-new-tokens 100

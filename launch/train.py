@@ -13,7 +13,7 @@ import sys
 
 from dist_gpt.config import add_print_config, load_config, render_config
 from dist_gpt.errors import cli, run_worker_entry_point
-from dist_gpt.runtime.launcher import add_launch_arguments, launch, preflight, torchrun_argv, wants_launch
+from dist_gpt.runtime.launcher import add_launch_arguments, exit_with_launcher, launch, preflight, torchrun_argv, wants_launch
 
 
 @cli
@@ -36,14 +36,15 @@ def main() -> None:
         print(render_config(config))
         return
     if wants_launch(args):
-        preflight(config)  # a mistake is said once, before any worker starts
+        preflight(config, args)  # a mistake is said once, before any worker starts
         worker_args = ["--config", args.config, *(["--ds_config", args.ds_config] if args.ds_config else []), *args.overrides]
-        sys.exit(launch(torchrun_argv(args, __file__, worker_args)))
+        sys.exit(launch(torchrun_argv(args, __file__, worker_args), config.run_dir))
 
-    from dist_gpt.train.run import run_training  # here: --help, --print-config and the launcher need none of its imports
+    from dist_gpt.train.run import exit_status, run_training  # here: --help, --print-config and the launcher need none of its imports
 
-    run_training(config)
+    sys.exit(exit_status(run_training(config)))
 
 
 if __name__ == "__main__":
+    exit_with_launcher()  # a worker: not one moment longer than its launcher
     run_worker_entry_point(main)

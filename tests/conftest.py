@@ -184,6 +184,19 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, zlib.crc32(p.read_bytes())) for p in files}
 
 
+def mount_tmpfs(path: Path, options: str):
+    """A real file system at path (tmpfs, e.g. options "size=30m" or "ro,size=1m"); unmounted when the generator
+    closes. Skips the test, with the reason, where mounting is refused (it needs root; CI runs as root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def train_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """`python launch/train.py ARGS` in this process: (exit code, stdout, stderr). An exception other than
     SystemExit (a traceback, for a user) propagates and fails the test."""

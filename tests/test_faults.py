@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, Proc, assert_consistent, assert_one_line_error, ckpt_root, latest_name, launch_args, losses_by_step, step_dirs, subprocess_env, tiny_overrides, tmp_dirs, train_cli
+from conftest import REPO, Proc, assert_consistent, assert_one_line_error, ckpt_root, latest_name, launch_args, losses_by_step, mount_tmpfs, step_dirs, subprocess_env, tiny_overrides, tmp_dirs, train_cli
 
 from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 from dist_gpt.config import load_config
@@ -188,13 +188,7 @@ def _read(path: Path) -> str:
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 30 MB file system (tmpfs): one tiny checkpoint (~20 MB) fits, a second does not."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    yield from mount_tmpfs(tmp_path / "disk", "size=30m")
 
 
 def assert_full_disk_kept_step_2(run_dir: Path, output: str) -> None:

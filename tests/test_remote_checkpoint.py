@@ -280,4 +280,5 @@ def test_max_restarts_restarts_the_group_after_a_worker_dies(tiny_data, tmp_path
     workers[1].kill()
     assert proc.finish(180) == 0, proc.text()[-3000:]
     assert "resumed from" in proc.text() and f"done: step {MAX_STEPS}" in proc.text()
+    assert proc.text().count("restarting the workers after a failure (restart 1 of --max-restarts=1") == 1  # issue 20: said
     assert losses_by_step(tmp_path / "run") == pytest.approx(reference, rel=1e-5, abs=1e-5)

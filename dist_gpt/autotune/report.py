@@ -18,10 +18,11 @@ class Report:
     from_cache: Path | None = None
     trials: int = 0
     seconds: float = 0.0
+    header_shown: bool = False  # logged before the trials ran: render() does not repeat it
 
     def render(self) -> str:
         o = self.outcome
-        lines = [self.header, "  micro-batch  ckpt  predicted MB  measured MB      tokens/s  result"]
+        lines = ([] if self.header_shown else [self.header]) + ["  micro-batch  ckpt  predicted MB  measured MB      tokens/s  result"]
         for row in o.tried:
             measured = f"{row.result.peak_bytes / MB:,.0f}" if row.result.peak_bytes and not row.result.oom else "-"
             speed = f"{row.result.tokens_per_s:,.0f}" if row.result.tokens_per_s else "-"

@@ -43,7 +43,7 @@ def autotune(
     key = cache_key(config, env, strategy_name, budget, headroom, objective, global_batch, steps)
     path = cache_path(key)
     header = (f"autotune: {config.name} | {strategy_name} on {env.world_size} x {device_name(env)} | {env.compute_dtype} | "
-              f"budget {budget / GB:.2f} GB - {headroom:.0%} headroom = limit {limit / GB:.2f} GB per rank")
+              f"budget {budget / MB:,.0f} MB - {headroom:.0%} headroom = limit {limit / MB:,.0f} MB per rank")  # MB throughout, as the table
 
     cached = read_cache(path, env) if use_cache else None
     if cached is not None:
@@ -74,7 +74,7 @@ def autotune(
     if env.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": key, "outcome": outcome_to_json(outcome)}, indent=1))
-    return Report(outcome, header, strategy_name, trials=runner.count, seconds=runner.seconds)
+    return Report(outcome, header, strategy_name, trials=runner.count, seconds=runner.seconds, header_shown=log is not None)
 
 
 def measure_sizes(config: Config, env: DistEnv, strategy_name: str, sizes: Sequence[int], steps: int = TRIAL_STEPS) -> list[tuple[memory.Breakdown, TrialResult]]:

@@ -13,6 +13,6 @@
     rng.py           each rank's RNG stream, saved and restored
     consolidate.py   the full weights of any checkpoint in one process (export, sample, eval)
 
-May import: core (config, model, errors), runtime/, parallel/ (the strategy writes and reads its own shards).
+May import: core (config, model, errors), data/ (the data identity a checkpoint records), runtime/, parallel/ (the strategy writes and reads its own shards).
 Never: interop/, engine/, train/ and above (they import this).
 """

@@ -19,13 +19,15 @@ import contextlib
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from dist_gpt.checkpoint import retention
 from dist_gpt.checkpoint.publish import PendingSave, publish, write_checkpoint
 from dist_gpt.checkpoint.remote_copy import RemoteCopy
-from dist_gpt.checkpoint.resume import checkpoint_to_resume, load_checkpoint
+from dist_gpt.checkpoint.resume import Lineage, checkpoint_to_resume, load_checkpoint
 from dist_gpt.checkpoint.storage import LocalStorage
 from dist_gpt.config import Config
+from dist_gpt.errors import Interrupted
 from dist_gpt.runtime.distributed import DistEnv, any_rank
 from dist_gpt.runtime.stop_signals import StopRequest, catch_stop_signals
 
@@ -43,6 +45,8 @@ class Checkpointer:
     state_dict()/load_state_dict() returning JSON-able dicts: the data loader, the loop's state)."""
 
     def __init__(self, config: Config, env: DistEnv, strategy, parts: dict):
+        self.lineage = Lineage()
+        parts = {**parts, "lineage": self.lineage}  # each checkpoint also records where the run started
         self.config, self.env, self.strategy, self.parts = config, env, strategy, parts
         self.root = config.run_dir / "checkpoints"
         self.storage = LocalStorage(self.root)
@@ -62,10 +66,17 @@ class Checkpointer:
         if self.config.checkpoint.remote:
             self.remote = RemoteCopy(self.config, self.env, self.root)
             self.remote.before_resume(self.config.checkpoint.resume)
-        ckpt_dir = checkpoint_to_resume(self.config, self.storage)
-        if ckpt_dir is not None:
-            self.load(ckpt_dir)
-        return str(ckpt_dir) if ckpt_dir is not None else None
+        ckpt_dir, why = checkpoint_to_resume(self.config, self.storage)
+        if ckpt_dir is None:
+            return None
+        self.load(ckpt_dir)
+        if why == "path":  # after load(), which brought the checkpoint's own lineage
+            self.lineage.started_from = str(Path(self.config.checkpoint.resume).resolve())  # the setting, as a requeue repeats it
+        if self.env.is_main and why in ("path", "applied"):
+            print(f"checkpoint.resume={self.config.checkpoint.resume}: "
+                  + ("this run starts from it once; its restarts resume the run's own latest checkpoint" if why == "path"
+                     else f"this run started from it; resuming the run's own latest, {ckpt_dir}"), flush=True)
+        return str(ckpt_dir)
 
     def load(self, ckpt_dir) -> None:
         self.rng_restored = load_checkpoint(ckpt_dir, self.config, self.env, self.strategy, self.parts)
@@ -147,5 +158,21 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def stop_signals(self):
-        with catch_stop_signals(self.stop):
-            yield self
+        """While inside, a stop signal asks for a last save (the loop's); a second Ctrl-C interrupts at once and
+        becomes errors.Interrupted, whose one line names what is kept (no traceback; exit 130)."""
+        try:
+            with catch_stop_signals(self.stop):
+                yield self
+        except KeyboardInterrupt:
+            raise Interrupted(self._interrupted()) from None
+
+    def _interrupted(self) -> str:
+        """After a second Ctrl-C: remove this rank's part of an unpublished save (no collective: the other ranks
+        are stopping too, wherever they were) and say which checkpoint the same command resumes from."""
+        unfinished = [p for p in self.root.glob("step_*.tmp")] if self.env.is_main else []
+        for tmp in unfinished:
+            shutil.rmtree(tmp, ignore_errors=True)  # never published; a save still writing into it fails with it
+        latest = self.latest()
+        dropped = f" (its unfinished {', '.join(p.name for p in unfinished)} removed)" if unfinished else ""
+        kept = f"the newest checkpoint is {latest}: the same command resumes from it" if latest else "no checkpoint was saved"
+        return f"interrupted again (a second Ctrl-C): stopped at once, without a last save{dropped}; {kept}"

@@ -29,7 +29,7 @@ from dist_gpt.checkpoint.manifest import FORMAT, LATEST, MANIFEST, file_crc32, s
 from dist_gpt.checkpoint.rng import RNG_FILE, rng_file_name, rng_state
 from dist_gpt.config import Config
 from dist_gpt.parallel import checkpoint_file_rank
-from dist_gpt.runtime.distributed import DistEnv, barrier, gather_objects
+from dist_gpt.runtime.distributed import DistEnv, broadcast_from_main, gather_objects
 from dist_gpt.runtime.safe_write import attempt_write, describe_write_error, write_atomically
 
 # DCP warns on every single-process save/load that it assumes a single process, which is what we mean.
@@ -56,8 +56,14 @@ def write_checkpoint(root: Path, step: int, env: DistEnv, strategy, parts: dict,
     save = PendingSave(step, root / (step_dir_name(step) + ".tmp"), root / step_dir_name(step), time.monotonic())
     if env.is_main:
         save.error = attempt_write(_make_tmp_dir, root, save.tmp_dir)[1]
-    barrier()
-    save.error = save.error or attempt_write(torch.save, rng_state(env.device), save.tmp_dir / rng_file_name(env.rank))[1]
+    # Every rank learns of rank 0's failure before it writes into the directory rank 0 did not make (a read-only
+    # or full disk): no rank then writes, and all abandon the save alike.
+    save.error = broadcast_from_main(save.error)
+    if save.error:
+        save.checksums = Future()
+        save.checksums.set_result(None)
+        return save
+    save.error = attempt_write(torch.save, rng_state(env.device), save.tmp_dir / rng_file_name(env.rank))[1]
     save.parts = {name: part.state_dict() for name, part in parts.items()}
     try:  # every rank enters, whatever failed above: DCP's collectives inside must match
         written = strategy.save_checkpoint(save.tmp_dir, async_save=async_save)

@@ -6,10 +6,14 @@ from dist_gpt.checkpoint.storage import Storage
 
 
 def prune(storage: Storage, keep_last_k: int, keep: str | tuple[str, ...]) -> list[str]:
-    """Delete all but the newest keep_last_k checkpoint directories of `storage`, never `keep` (the one just
-    published; and one still being uploaded). Returns the names deleted."""
+    """Keep the first of `keep` (the one just published) and the keep_last_k - 1 before it, and the others of
+    `keep` (one still being uploaded); delete the older ones of `storage`. Never one newer than the one just
+    published (a run that went back to an older checkpoint after its latest was found damaged): those are not
+    this save's to judge. Returns the names deleted."""
     keep = (keep,) if isinstance(keep, str) else keep
-    doomed = [name for name in storage.checkpoints()[:-keep_last_k] if name not in keep]
+    names = storage.checkpoints()  # oldest first
+    older = names[: names.index(keep[0])] if keep[0] in names else names
+    doomed = [name for name in older[: max(0, len(older) - (keep_last_k - 1))] if name not in keep]
     for name in doomed:
         storage.delete_checkpoint(name)
     return doomed

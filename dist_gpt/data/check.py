@@ -12,11 +12,11 @@ from dist_gpt.data.prepare import SPLITS, bin_path, read_meta
 from dist_gpt.errors import UserError
 
 
-def check_prepared_data(data_dir: str | Path, block_size: int, vocab_size: int) -> dict:
+def check_prepared_data(data_dir: str | Path, block_size: int, vocab_size: int, prepare: str = "") -> dict:
     """meta.json of `data_dir` once train.bin/val.bin agree with it, each holds a window, and the token ids fit
     the model's vocabulary. Token counts come from meta.json and file sizes: nothing is read from the bins."""
     data_dir = Path(data_dir)
-    meta = read_meta(data_dir)
+    meta = read_meta(data_dir, prepare)  # prepare: the command to suggest when there is no data
     redo = f"re-run python -m dist_gpt.prepare --dataset {meta.get('source', 'SPEC')} --out {data_dir} --force"
     dtype = np.dtype(meta.get("dtype", "uint16"))
     if dtype != TOKEN_DTYPE:

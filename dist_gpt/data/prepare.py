@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shlex
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dist_gpt.config import Config
 from dist_gpt.data.sources import Source, open_source
 from dist_gpt.data.encode_pool import TOKEN_DTYPE, EncodedBatch, encoded_batches, split_position  # noqa: F401 - split_position: the split rule, used by tests
 from dist_gpt.errors import UserError, read_json_file
@@ -40,17 +43,42 @@ BATCH_DOCUMENTS = 8192
 COPY_CHUNK_TOKENS = 1 << 24
 
 
+# What makes prepared data these data: the inputs' content, how they were split and tokenized, what came out.
+IDENTITY_KEYS = ("input_sha256", "tokenizer", "val_fraction", "text_field", "hf_split", "train_tokens", "val_tokens")
+
+
+def data_identity(meta: dict) -> dict:
+    """The part of meta.json a checkpoint records (checkpoint/resume.py compares it on resume); not the folder,
+    the time or the speed of the prepare: the same data moved or prepared again are the same data."""
+    return {key: meta.get(key) for key in IDENTITY_KEYS}
+
+
+def prepare_command(config: Config) -> str:
+    """The command that prepares the data `config` trains on: `--config NAME` for a preset, with a flag for each
+    data key the run changed (a YAML file's name is no preset: its data keys as flags)."""
+    from dist_gpt.config import load_config, preset_names
+
+    base = load_config(config.name).data if config.name in preset_names() else Config().data
+    flags = {"--dataset": (config.data.dataset, base.dataset), "--val-fraction": (config.data.val_fraction, base.val_fraction),
+             "--text-field": (config.data.text_field, base.text_field), "--hf-split": (config.data.hf_split, base.hf_split)}
+    changed = [f"{flag} {shlex.quote(str(value))}" for flag, (value, preset) in flags.items() if value != preset]
+    its_dir = Config(data=dataclasses.replace(config.data, dir=base.dir)).data_dir  # where that command would write
+    out = [f"--out {shlex.quote(str(config.data_dir))}"] if its_dir != config.data_dir else []
+    named = [f"--config {config.name}"] if config.name in preset_names() else []
+    return " ".join(["python -m dist_gpt.prepare", *named, *changed, *out])
+
+
 def bin_path(data_dir: str | Path, split: str) -> Path:
     return Path(data_dir) / f"{split}.bin"
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    """meta.json of a finished prepare; UserError (with the command to run) if there is none."""
+def read_meta(data_dir: str | Path, prepare: str = "") -> dict:
+    """meta.json of a finished prepare; UserError (with the command to run: `prepare`, see prepare_command) if there is none."""
     data_dir = Path(data_dir)
     path = data_dir / META_FILE
     meta = read_json_file(
         path,
-        missing=f"no prepared data in {data_dir}: run python -m dist_gpt.prepare --dataset ... --out {data_dir}",
+        missing=f"no prepared data in {data_dir}: run {prepare or f'python -m dist_gpt.prepare --dataset SPEC --out {data_dir}'}",
         corrupt=f"{path} is not valid JSON: re-run python -m dist_gpt.prepare --out {data_dir} --force",
     )
     if meta.get("format") != FORMAT_VERSION:

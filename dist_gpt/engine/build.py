@@ -32,6 +32,7 @@ class Built:
     flops_per_token: int  # counted before wrapping (sharding leaves no whole parameters to count)
     params: int  # all parameters (a tied wte/lm_head once), counted before wrapping too
     compiled: bool  # its blocks run through torch.compile
+    loaded_from: str = "scratch"  # what model.init_from loaded, in words, for the run's first line
 
 
 def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
@@ -45,7 +46,16 @@ def build(config: Config, env: DistEnv, batch: BatchShape) -> Built:
         compile_blocks(model)
     flops_per_token, params = model.flops_per_token(), model.num_params(non_embedding=False)
     strategy.wrap(model, make_optimizer_factory(config, env.device), batch)
-    return Built(strategy, model, batch, flops_per_token, params, compiled)
+    return Built(strategy, model, batch, flops_per_token, params, compiled, describe_init(config))
+
+
+def describe_init(config: Config) -> str:
+    """What model.init_from loads, in words, for the run's first line."""
+    if config.model.init_from == "scratch":
+        return "scratch"
+    from dist_gpt.interop import describe_source
+
+    return describe_source(config.model.init_from, config.model.position)
 
 
 def build_model(config: Config) -> GPT:

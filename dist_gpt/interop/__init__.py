@@ -20,6 +20,18 @@ from dist_gpt.interop import checkpoint_dir, export_file, hf_dir, openai_gpt2
 from dist_gpt.model import GPT
 
 
+def describe_source(source: str | os.PathLike, position: str = "learned") -> str:
+    """What load_model(source) reads, in words, for a run's first line (position: the run's, for OpenAI's GPT-2)."""
+    if export_file.is_export_file(source):
+        return f"our export {source}"
+    if checkpoint_dir.is_checkpoint(source):
+        return f"the checkpoint {source} (its weights only)"
+    if hf_dir.is_export(source):
+        return f"our `export --hf` directory {source}"
+    kept = "every weight" if position == "learned" else "every weight but the position table (RoPE relearns positions)"
+    return f"OpenAI's GPT-2 {source} ({'a local directory' if Path(source).expanduser().is_dir() else 'by name'}; {kept})"
+
+
 def load_model(source: str | os.PathLike, defaults: dict | None = None, **overrides) -> GPT:
     """The GPT held by source, on the CPU in fp32, read by the reader of its format:
 

@@ -212,13 +212,13 @@ def hf_config(config: GPTConfig) -> dict:
 
 
 def generation_config(config: GPTConfig) -> dict:
-    """`python -m dist_gpt.sample`'s defaults; generation stops at <|endoftext|> and, by default, at the
-    context the model was trained on (learned positions end there)."""
+    """`python -m dist_gpt.sample`'s defaults; generation stops at <|endoftext|>. No max_length: with one here,
+    transformers warns on every `generate(max_new_tokens=...)` (the README's call) that both are set. The
+    context the model was trained on is config.json's n_positions / max_position_embeddings."""
     return dict(
         bos_token_id=tokenizer.EOT_ID,
         eos_token_id=tokenizer.EOT_ID,
         pad_token_id=tokenizer.EOT_ID,  # GPT-2 has no padding token; batched generation pads with <|endoftext|>
-        max_length=config.block_size,
         do_sample=True,
         temperature=0.8,
         top_k=200,

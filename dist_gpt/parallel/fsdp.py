@@ -36,7 +36,7 @@ class FSDPStrategy(SingleDevice):
             )
         ensure_process_group(self.env, self.config.parallel.backend, cpu_tensors=self.config.parallel.fsdp_cpu_offload)
         if world == 1 and self.env.is_main:
-            print("fsdp on a world of 1 process: parameters are not sharded (each shard is the whole tensor); launch with torchrun --nproc_per_node=N to shard", flush=True)
+            print("fsdp on a world of 1 process: parameters are not sharded (each shard is the whole tensor); launch with `python launch/train.py --nproc_per_node=N ...` to shard", flush=True)
         p = self.config.parallel
         if p.fsdp_cpu_offload and self.scaler.enabled and self.env.device.type == "cuda":
             # The overflow flag of CPU-offloaded gradient shards would be all-reduced as a CPU tensor over NCCL.

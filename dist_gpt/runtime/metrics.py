@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -90,7 +91,10 @@ class PeakFlops:
 
 def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0) -> PeakFlops:
     """The peak for this device: train.peak_tflops if given; GPUs the data-sheet table, else a measured matmul;
-    CPUs measured once per machine and cached (DIST_GPT_REMEASURE_PEAK=1 measures again)."""
+    CPUs their "data sheet" (cores x clock x FLOPs per cycle of the vector instructions torch uses, a figure that
+    no load on the machine changes, so MFU compares between runs), with the matmul rate measured once per machine
+    shown beside it; the measured rate itself where it is the higher (the clock reported is below the real one)
+    or the nominal figure is unknown (not x86)."""
     if configured_tflops > 0:
         return PeakFlops(configured_tflops * 1e12, "train.peak_tflops")
     if device.type == "cuda":
@@ -99,6 +103,73 @@ def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: flo
         if peak is not None and dtype in HALF_DTYPES:  # 16-bit tensor cores: bf16 and fp16 peaks are the same
             return PeakFlops(peak, f"{name} data sheet ({dtype_name(dtype)} dense)")
         return PeakFlops(measure_matmul_flops(device, dtype, size=4096), f"measured {dtype} matmul on {name}")
+    measured = measured_cpu_peak(device, dtype)
+    nominal = cpu_nominal_peak(dtype)
+    if nominal is None:
+        return measured
+    flops, how = nominal
+    if measured.flops > flops:  # the cores run above the clock they report (a VM shows its base clock): the faster one
+        measured.source = f"cpu matmul measured on this machine, above the nominal {how} = {flops / 1e12:.3f}"
+        return measured
+    return PeakFlops(flops, f"cpu nominal: {how}; measured matmul {measured.flops / 1e12:.3f}")
+
+
+# FLOPs per cycle per core of the instructions torch's CPU kernels use (torch.backends.cpu.get_cpu_capability()):
+# fp32 fused multiply-adds (2 FLOPs) of the vector width on 2 FMA pipes, as every x86 server core since Haswell
+# and Zen 1 has; AMD's Zen 4 runs AVX-512 on its two 256-bit pipes (AVX2's rate). bf16 matmuls go to AMX tiles
+# where the CPU has them (oneDNN), else to AVX512-BF16 dot products (twice fp32), else they are fp32's.
+CPU_FP32_FLOPS_PER_CYCLE = {"AVX2": 32, "AVX512": 64}
+AMX_BF16_FLOPS_PER_CYCLE = 1024
+
+
+def cpu_nominal_peak(dtype: torch.dtype) -> tuple[float, str] | None:
+    """(FLOP/s, how it was computed) for this process's threads: cores x clock x FLOPs/cycle; None if unknown."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    info = _cpuinfo()
+    per_cycle = CPU_FP32_FLOPS_PER_CYCLE.get(capability)
+    ghz = _cpu_max_ghz(info)
+    if per_cycle is None or ghz is None:
+        return None
+    if capability == "AVX512" and info.get("vendor_id") == "AuthenticAMD":
+        per_cycle = CPU_FP32_FLOPS_PER_CYCLE["AVX2"]
+    unit = f"{capability} fp32"
+    if dtype == torch.bfloat16 and "amx_bf16" in info.get("flags", ""):
+        per_cycle, unit = AMX_BF16_FLOPS_PER_CYCLE, "AMX bf16"
+    elif dtype == torch.bfloat16 and "avx512_bf16" in info.get("flags", ""):
+        per_cycle, unit = 2 * per_cycle, "AVX512-BF16"
+    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return cores * ghz * 1e9 * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({unit})"
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def _cpu_max_ghz(info: dict[str, str]) -> float | None:
+    """The highest clock the cores run at: cpufreq's maximum where the kernel has one (a turbo clock does not move
+    with load), else the clock /proc/cpuinfo reports (a VM's fixed nominal clock)."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        return round(float(info["cpu MHz"]) / 10) / 100  # to 10 MHz: the reported figure wobbles in its last digits
+    except (KeyError, ValueError):
+        return None
+
+
+def measured_cpu_peak(device: torch.device, dtype: torch.dtype) -> PeakFlops:
+    """The CPU's matmul rate, measured once per machine and cached (DIST_GPT_REMEASURE_PEAK=1 measures again)."""
     key = f"{_cpu_name()} | {torch.get_num_threads()} threads | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
     cached = _load_cpu_peaks().get(key)
     if cached and os.environ.get(REMEASURE_ENV, "") in ("", "0"):
@@ -215,6 +286,21 @@ def strict_json(value):
     return value
 
 
+def _drop_partial_line(file) -> None:
+    """A process killed (or a disk filled) mid-write can leave a last line without its newline: cut it, or the
+    next record would be glued to it and both lost to a JSON reader."""
+    size = file.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    with open(file.name, "rb") as reader:
+        reader.seek(max(0, size - (1 << 16)))
+        tail = reader.read()
+    if not tail.endswith(b"\n"):
+        cut = tail.rfind(b"\n")
+        with contextlib.suppress(OSError):
+            file.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 1 << 16 else size))
+
+
 class MetricsLogger:
     """One JSON object per line in RUN_DIR/metrics.jsonl (always), the console, and wandb when asked.
 
@@ -226,7 +312,10 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "ab", buffering=0)
+        _drop_partial_line(self.file)
+        self.write_failed = False  # warned once per failing stretch; training goes on
         if wandb_mode != "off":
             import wandb
 
@@ -248,11 +337,30 @@ class MetricsLogger:
     def log(self, record: dict, console: str | None = None) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        self._append((json.dumps(strict_json(record), allow_nan=False) + "\n").encode())
         if console:
             print(console, flush=True)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def _append(self, line: bytes) -> None:
+        """One whole line or none: a write that fails part-way (a full disk) is cut back, so the file never holds
+        half a record that the next one would run into. The failure is one warning; the run trains on."""
+        start = self.file.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.file.fileno(), view):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.file.truncate(start)
+            if not self.write_failed:
+                print(f"warning: cannot write {self.path} ({e.strerror or e}): its records are lost until it can; training goes on", flush=True)
+            self.write_failed = True
+            return
+        if self.write_failed:
+            print(f"{self.path} is writable again: records continue (some are missing)", flush=True)
+        self.write_failed = False
 
     def close(self) -> None:
         if not self.enabled:

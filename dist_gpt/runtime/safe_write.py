@@ -40,4 +40,6 @@ def describe_write_error(error: BaseException) -> str:
             return f"{cause.strerror or cause} ({cause.filename})" if cause.filename else str(cause)
         if isinstance(cause, RuntimeError) and "inline_container" in str(cause):
             return f"torch.save could not write its file ({str(cause).split('] ')[-1].strip(' .')}: a full disk?)"
+        if isinstance(cause, RuntimeError) and str(cause).startswith("Parent directory"):  # torch.save into a missing directory
+            return str(cause).rstrip(".")
     raise error

@@ -11,9 +11,9 @@ from dist_gpt.errors import UserError, cli
 from dist_gpt.tools.runs import Run, read_runs
 
 
-def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
+def plot_runs(runs: list[Run], out: Path, title: str = "") -> float | None:
     """Two panels (x = step, x = tokens); each run one colour: train a thin line, val a thick line with dots.
-    Steps where a run logged a non-finite loss are gaps in its line."""
+    Steps where a run logged a non-finite loss are gaps in its line. Returns where the y axis was cut, if it was."""
     try:
         import matplotlib
 
@@ -23,6 +23,7 @@ def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
         raise UserError("plotting needs matplotlib: pip install 'dist_gpt[plot]'") from None
     tasks = sorted({task for run in runs for task in run.tasks})
     fig, axes = plt.subplots(1, 3 if tasks else 2, figsize=(18 if tasks else 12, 4.5))
+    cut = None
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if tasks:
         _plot_tasks(axes[2], runs, tasks, colours)
@@ -39,8 +40,11 @@ def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("loss")
         top = _top_after_the_start(runs)
-        if top is not None:
+        highest = max((p.value for run in runs for p in run.train + run.val if p.value is not None), default=None)
+        if top is not None and highest is not None and highest > top:
             ax.set_ylim(top=top)
+            cut = top
+            ax.set_title(f"y cut at {top:.2f}: each run's first tenth of steps reaches {highest:.2f}", fontsize="small")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize="small", loc="upper right")
     fig.suptitle(title or ", ".join(run.name for run in runs))
@@ -48,6 +52,7 @@ def plot_runs(runs: list[Run], out: Path, title: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return cut
 
 
 def _plot_tasks(ax, runs: list[Run], tasks: list[str], colours: list[str]) -> None:
@@ -66,10 +71,14 @@ def _plot_tasks(ax, runs: list[Run], tasks: list[str], colours: list[str]) -> No
 
 
 def _top_after_the_start(runs: list[Run]) -> float | None:
-    """An upper y limit that leaves out the first tenth of the steps: the initial loss (~11 for a 50k vocabulary)
-    would otherwise squeeze the part where runs differ into a sliver."""
-    last = max((p.step for run in runs for p in run.train + run.val), default=0)
-    later = [p.value for run in runs for p in run.train + run.val if p.value is not None and p.step > last / 10]
+    """An upper y limit that leaves out each run's first tenth of steps: the initial loss (~11 for a 50k
+    vocabulary) would otherwise squeeze the part where runs differ into a sliver. Each run's own tenth: a short
+    run beside a long one keeps its line (the longest run's tenth could be all of it)."""
+    later = []
+    for run in runs:
+        points = [p for p in run.train + run.val if p.value is not None]
+        last = max((p.step for p in points), default=0)
+        later += [p.value for p in points if p.step > last / 10]
     return max(later) * 1.02 if later else None
 
 
@@ -85,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         if not run.train and not run.val:
             raise UserError(f"{run.path}/metrics.jsonl has no losses yet: let the run log a step first")
     out = Path(args.out) if args.out else (runs[0].path / "loss.png" if len(runs) == 1 else Path("loss.png"))
-    plot_runs(runs, out, args.title)
-    print(f"wrote {out}")
+    cut = plot_runs(runs, out, args.title)
+    print(f"wrote {out}" + (f" (loss axis cut at {cut:.2f}, leaving out each run's first tenth of steps)" if cut is not None else ""))
 
 
 if __name__ == "__main__":

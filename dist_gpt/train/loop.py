@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dist_gpt.checkpoint.checkpointer import Checkpointer
+from dist_gpt.checkpoint.resume import DataRecord
 from dist_gpt.config import Config, check_runtime
 from dist_gpt.data import TokenLoader, read_meta
 from dist_gpt.data.check import check_prepared_data
+from dist_gpt.data.prepare import data_identity, prepare_command
 from dist_gpt.engine.build import build, seed_everything
 from dist_gpt.engine.schedule import CosineSchedule, schedule_notice
 from dist_gpt.engine.step import train_step
@@ -37,6 +39,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     wandb_run_id: str | None = None
+    global_batch: int = 0  # sequences per optimizer step: a resume keeps it (dist_gpt.train.run.keep_global_batch)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +68,7 @@ def train(config: Config, env: DistEnv | None = None, micro_batch_size: int | No
 def enter_run(config: Config, env: DistEnv):
     """The door of a run, before anything is built: its data checked (one line per problem), its directory
     held by global rank 0 for the run's life (a second start on it is refused)."""
-    check_prepared_data(config.data_dir, config.model.block_size, config.model.vocab_size)
+    check_prepared_data(config.data_dir, config.model.block_size, config.model.vocab_size, prepare_command(config))
     with hold_run_dir(config.run_dir, env.is_main):
         yield
 
@@ -90,9 +93,10 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
 
     loader = TokenLoader(config.data_dir / "train.bin", config.model.block_size, micro_batch, env.rank, env.world_size, seed=t.seed, device=env.device)
     schedule = CosineSchedule(t.lr, t.min_lr, t.warmup_steps, t.lr_decay_steps or t.max_steps)
-    state = TrainState()
+    state = TrainState(global_batch=micro_batch * grad_accum * env.world_size)
     peak = device_peak(env.device, env.compute_dtype, t.peak_tflops)  # before the RNG is set: it may draw random matrices
-    checkpointer = Checkpointer(config, env, strategy, {"loader": loader, "train_state": state, "loss_scaler": strategy.scaler})
+    parts = {"loader": loader, "train_state": state, "loss_scaler": strategy.scaler, "data": DataRecord(data_identity(meta))}
+    checkpointer = Checkpointer(config, env, strategy, parts)
     resumed_from = checkpointer.resume()
     if not checkpointer.rng_restored:  # a resumed rank continues its saved RNG stream (dropout), bit for bit
         seed_everything(t.seed + env.rank + state.step)  # a fresh run, or a rank the saving run did not have
@@ -116,7 +120,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
             f"= {tokens_per_step:,} tokens/step | train {meta['train_tokens']:,} tokens | attention {attention} | "
             f"peak {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})"
             + (f" | time limit {limit_seconds / 60:.1f} min ({limit_source})" if limit_seconds else "")
-            + (f" | resumed from {resumed_from} at step {state.step}" if resumed_from else "")
+            + (f" | resumed from {resumed_from} at step {state.step}" if resumed_from else f" | weights from {built.loaded_from}")
             + (f" | {checkpointer.remote.describe()}" if checkpointer.remote else ""),
             flush=True,
         )
@@ -127,7 +131,8 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
     if not already_complete:  # what this process trains, so a run directory describes itself (dist_gpt.tools.compare reads it)
         metrics.log({"run_start": {"step": state.step, "params": built.params, "world_size": env.world_size, "config": config.to_dict()}})
     timed_tokens, timed_seconds, steps_this_process = 0, 0.0, 0
-    train_loss = val_loss = None
+    train_loss = val_loss = result = None
+    logged_step = None
     stop_reason = None
     guard = DivergenceGuard(t.max_skipped_steps)
     tasks = EvalTasks(config, env)  # train.eval_tasks (HellaSwag), read before the first step
@@ -148,7 +153,7 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
             if budget:
                 budget.record_step(step_seconds)
             if state.step % config.logging.log_every == 0 or state.step == t.max_steps or result.skipped:
-                train_loss = all_reduce_mean(result.loss).item()
+                train_loss, logged_step = all_reduce_mean(result.loss).item(), state.step
                 tokens_per_s = tokens_per_step / step_seconds
                 record = {
                     "step": state.step,
@@ -187,7 +192,10 @@ def _train(config: Config, env: DistEnv, micro_batch_size: int | None) -> dict:
                 checkpointer.save(state.step)
             if stop_reason:
                 break
-    checkpointer.finish(upload_wait_seconds=min(60 * config.checkpoint.remote_wait_minutes, seconds_left(limit_seconds)))
+        # inside: a second Ctrl-C while the last save is written (or uploaded) is said in one line too
+        checkpointer.finish(upload_wait_seconds=min(60 * config.checkpoint.remote_wait_minutes, seconds_left(limit_seconds)))
+    if result is not None and logged_step != state.step:  # stopped between log lines: the done line shows the last step's loss
+        train_loss = all_reduce_mean(result.loss).item()  # every rank ran the same steps: the collective matches
 
     summary = {
         "run_dir": str(config.run_dir),

@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from dist_gpt.errors import UserError
+from dist_gpt.errors import QUIET_WORKER_ENV, UserError
 from dist_gpt.runtime.distributed import broadcast_from_main
 
 LOCK_FILE = "run.lock"
@@ -63,6 +63,7 @@ def hold_run_dir(run_dir: Path, is_main: bool):
     """Global rank 0 holds the run directory's lock while inside; when another run holds it, every rank leaves
     (none waits for a rank that has gone), rank 0 with the UserError, the others quietly with the same exit code."""
     lock = RunLock(run_dir)
+    new_dir = not Path(run_dir).exists()
     refusal = None
     if is_main:
         try:
@@ -71,11 +72,18 @@ def hold_run_dir(run_dir: Path, is_main: bool):
             refusal = str(e)
     refusal = broadcast_from_main(refusal)
     if refusal:
-        if is_main:
+        if is_main or os.environ.get(QUIET_WORKER_ENV):  # under our launcher every rank's line goes to it, which says it once
             raise UserError(refusal)
         raise SystemExit(2)  # rank 0 says why, once
     try:
         yield
+    except (UserError, SystemExit):
+        if is_main and new_dir and [p.name for p in Path(run_dir).iterdir()] == [LOCK_FILE]:
+            # A mistake found before the run wrote anything (a DeepSpeed JSON, a batch that does not divide): no
+            # run directory holding only an empty-looking run.lock is left behind to puzzle over.
+            lock.path.unlink()
+            Path(run_dir).rmdir()
+        raise
     finally:
         lock.release()
 
