@@ -54,7 +54,11 @@ def test_bench_runs_each_variant_in_its_train_dtype_against_that_dtypes_peak(tmp
     by_dtype = {key.split(" | ")[2]: flops for key, flops in cached.items()}
     assert set(by_dtype) == {"float32", "bfloat16"}
     for v, name in zip(report["results"], ("float32", "bfloat16")):
-        assert abs(v["peak_tflops"] * 1e12 - by_dtype[name]) <= 1e-6 * by_dtype[name]
+        # the yardstick of that dtype: its own matmul measurement, or the CPU's nominal peak where that is higher
+        peak = v["peak_tflops"] * 1e12
+        assert peak >= by_dtype[name] * (1 - 1e-6), (name, v["peak_source"])
+        assert abs(peak - by_dtype[name]) <= 1e-6 * by_dtype[name] or v["peak_source"].startswith("cpu nominal"), (name, v["peak_source"])
+    assert report["results"][0]["peak_tflops"] != report["results"][1]["peak_tflops"]
     single = run_python(["-m", "dist_gpt.bench", "--config", "bible-tiny", "--steps", "1", "--warmup", "0", *TINY_MODEL, "train.micro_batch_size=2", "train.dtype=bf16"],
                         timeout=300, DIST_GPT_CACHE=str(tmp_path))
     assert "| bf16 |" in single.stdout.splitlines()[0]

@@ -9,6 +9,8 @@ import subprocess
 import pytest
 from conftest import run_python
 
+from dist_gpt.runtime.precision import cpu_has_native_bf16
+
 CHECKS = ["python", "torch", "cpu", "cpu attention kernels", "cpu matmul", "training (defaults)", "checkpoint save + resume", "all-reduce"]
 
 
@@ -20,7 +22,8 @@ def test_doctor_on_cpu_passes_every_check_and_reports_the_numbers(tmp_path):
         assert any(line.startswith(name + " ") and " ok " in line for line in table.splitlines()), (name, table)
     checks = {c["name"]: c for c in json.loads((tmp_path / "doctor.json").read_text())["checks"]}
     training = checks["training (defaults)"]["numbers"]
-    assert training["dtype"] == "fp32" and training["compile"] is False  # the defaults on CPU
+    default_dtype = "bf16" if cpu_has_native_bf16() else "fp32"  # train.dtype auto on a CPU: bf16 where it is native
+    assert training["dtype"] == default_dtype and training["compile"] is False  # the defaults on CPU
     assert training["tokens_per_s"] > 0 and 0 < training["mfu"] < 1.5 and training["peak_memory_mb"] > 100
     assert training["train_loss"] < training["first_loss"]
     assert checks["checkpoint save + resume"]["numbers"]["resume_rel_delta"] == 0.0  # bit-exact on CPU

@@ -145,6 +145,7 @@ def summarize(variant: Variant, world_size: int) -> dict:
         "dtype": dtype_name(variant.env.compute_dtype),
         "mfu": variant.peak.mfu(tokens_per_s * variant.flops_per_token / world_size),
         "peak_tflops": variant.peak.flops / 1e12,
+        "peak_source": variant.peak.source,
         "ms_per_step": 1e3 * median_step,
         **{f"ms_{p}": 1e3 * statistics.median(variant.times[p]) for p in PHASES},
         "page_faults_per_step": statistics.median(variant.page_faults),
