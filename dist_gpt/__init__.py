@@ -5,7 +5,8 @@ tests/test_layout.py holds this order):
 
     errors.py                     UserError: one line with the fix, a non-zero exit
     config.py  model.py           the core: the config schema (YAML + dataclasses), the GPT (no parallelism),
-    fused_loss.py  tokenizer.py   the chunked linear + cross-entropy, GPT-2's BPE (offline)
+    fused_loss.py  tokenizer.py   the chunked linear + cross-entropy, GPT-2's BPE (offline),
+    config_render.py              a config as commented YAML (--print-config)
     data/          text -> tokens on disk -> training windows
     runtime/       process group, launcher, precision, metrics, safe writes, stop signals
     parallel/      one Strategy interface: single | ddp | fsdp | deepspeed

@@ -11,7 +11,8 @@ and a mistake or a Ctrl-C ends with our line rather than the launcher's report (
 import argparse
 import sys
 
-from dist_gpt.config import add_print_config, load_config, render_config
+from dist_gpt.config import load_config
+from dist_gpt.config_render import add_print_config, render_config
 from dist_gpt.errors import cli, run_worker_entry_point
 from dist_gpt.runtime.launcher import add_launch_arguments, exit_with_launcher, launch, preflight, torchrun_argv, wants_launch
 

@@ -405,8 +405,8 @@ def test_a_checkpoint_holds_the_tied_embedding_once(tmp_path):
     and must be written once (a state dict names it twice). A vocabulary-heavy model makes a second copy show:
     +33 % here. Loaded back, lm_head is wte again (tied), and the weights are the saved ones."""
     from dist_gpt.engine.build import build
-    from dist_gpt.runtime.distributed import DistEnv
     from dist_gpt.parallel.base import BatchShape
+    from dist_gpt.runtime.distributed import DistEnv
 
     config = load_config("bible-tiny", ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16", "model.vocab_size=4096",
                                         "model.tokenizer_vocab_size=4096", "train.device=cpu", "train.compile=false", "train.dtype=fp32"])

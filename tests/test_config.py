@@ -95,14 +95,15 @@ def test_every_key_has_its_comment():
     """--print-config shows each key's comment from the schema: a key added without one fails here."""
     import dataclasses
 
-    from dist_gpt.config import SECTIONS, Config, key_comments
+    from dist_gpt.config import SECTIONS, Config
+    from dist_gpt.config_render import key_comments
 
     missing = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.name not in key_comments(cls)]
     assert not missing and "name" in key_comments(Config), f"keys without a comment in config.py / model.py: {missing}"
 
 
 def test_printed_config_loads_back_to_the_same_config(tmp_path):
-    from dist_gpt.config import render_config
+    from dist_gpt.config_render import render_config
 
     config = load_config("bible-seed", ["train.max_steps=7", "model.position=learned", "data.dir=my data/x", "train.lr=1e-3"])
     path = tmp_path / "printed.yaml"

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import assert_one_line_error
+
 from dist_gpt.data import prepare_dataset
 from dist_gpt.data.sources import PARQUET_REVISION
 from dist_gpt.tools.prepare import main as prepare_main

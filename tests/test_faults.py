@@ -15,7 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, Proc, assert_consistent, assert_one_line_error, ckpt_root, latest_name, launch_args, losses_by_step, mount_tmpfs, step_dirs, subprocess_env, tiny_overrides, tmp_dirs, train_cli
+from conftest import (
+    REPO,
+    Proc,
+    assert_consistent,
+    assert_one_line_error,
+    ckpt_root,
+    latest_name,
+    launch_args,
+    losses_by_step,
+    mount_tmpfs,
+    step_dirs,
+    subprocess_env,
+    tiny_overrides,
+    tmp_dirs,
+    train_cli,
+)
 
 from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 from dist_gpt.config import load_config

@@ -16,8 +16,23 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import (REPO, Proc, assert_one_line_error, ckpt_root, latest_name, launch_args, losses_by_step, mount_tmpfs, read_jsonl, snapshot, step_dirs,
-                      subprocess_env, tiny_overrides, tmp_dirs, train_cli)
+from conftest import (
+    REPO,
+    Proc,
+    assert_one_line_error,
+    ckpt_root,
+    latest_name,
+    launch_args,
+    losses_by_step,
+    mount_tmpfs,
+    read_jsonl,
+    snapshot,
+    step_dirs,
+    subprocess_env,
+    tiny_overrides,
+    tmp_dirs,
+    train_cli,
+)
 
 from dist_gpt.config import load_config
 from dist_gpt.errors import UserError

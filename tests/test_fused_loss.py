@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from conftest import needs_cuda
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_gpt.fused_loss import linear_cross_entropy, plain_linear_cross_entropy
 from dist_gpt.model import GPT, GPTConfig

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error, read_jsonl, run_python, tiny_overrides
+
 from dist_gpt import tokenizer
 from dist_gpt.errors import UserError
 from dist_gpt.eval import hellaswag
@@ -124,8 +124,8 @@ def test_agrees_with_a_plain_reference_through_transformers_on_the_export(tmp_pa
 
 
 def test_evaluate_cli_on_an_export(tmp_path, capsys):
-    from dist_gpt.tools.evaluate import main
     from dist_gpt.interop.export_file import save_exported
+    from dist_gpt.tools.evaluate import main
 
     save_exported(unigram_model(), tmp_path / "m.safetensors")
     data = write_hellaswag(tmp_path / "hellaswag_val.jsonl")

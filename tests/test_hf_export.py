@@ -17,8 +17,8 @@ from dist_gpt import tokenizer
 from dist_gpt.config import load_config
 from dist_gpt.engine.build import build_model
 from dist_gpt.errors import UserError
-from dist_gpt.interop.hf_dir import SIDECAR, export_hf, load_export, read_export
 from dist_gpt.interop.export_file import save_exported
+from dist_gpt.interop.hf_dir import SIDECAR, export_hf, load_export, read_export
 from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.tools.export import main as export_main
 

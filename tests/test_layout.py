@@ -54,7 +54,7 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
 # A name is a top-level module or folder of dist_gpt ("dist_gpt" itself: the package face, __version__).
 LAYERS = [
     ["dist_gpt", "errors"],
-    ["config", "model", "fused_loss", "tokenizer", "configs"],  # the core
+    ["config", "config_render", "model", "fused_loss", "tokenizer", "configs"],  # the core
     ["data"],
     ["runtime"],
     ["parallel"],

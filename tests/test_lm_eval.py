@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, subprocess_env
-from dist_gpt.eval import hellaswag
 from test_hellaswag import random_model, write_hellaswag
+
+from dist_gpt.eval import hellaswag
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's hf model imports it

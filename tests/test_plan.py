@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO, run_python, subprocess_env
 
 from dist_gpt.autotune import memory, plan
-from dist_gpt.tools import plan as plan_cli
 from dist_gpt.config import load_config
+from dist_gpt.tools import plan as plan_cli
 
 
 def run_plan(*args: str, check: bool = True):

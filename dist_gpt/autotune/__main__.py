@@ -9,7 +9,8 @@ from dist_gpt.autotune import __doc__ as package_doc
 from dist_gpt.autotune.measure import TRIAL_STEPS
 from dist_gpt.autotune.memory import GB
 from dist_gpt.autotune.tuner import autotune, say
-from dist_gpt.config import CHOICES, add_print_config, load_config, render_config
+from dist_gpt.config import CHOICES, load_config
+from dist_gpt.config_render import add_print_config, render_config
 from dist_gpt.errors import UserError, cli
 from dist_gpt.parallel import check_strategy
 from dist_gpt.runtime.distributed import destroy_distributed, init_distributed

@@ -30,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dist_gpt.config import Config
-from dist_gpt.data.sources import Source, open_source
 from dist_gpt.data.encode_pool import TOKEN_DTYPE, EncodedBatch, encoded_batches, split_position  # noqa: F401 - split_position: the split rule, used by tests
+from dist_gpt.data.sources import Source, open_source
 from dist_gpt.errors import UserError, read_json_file
 from dist_gpt.tokenizer import EOT_ID, gpt2_encoding
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from dist_gpt.config import Config
-from dist_gpt.runtime.distributed import DistEnv, all_reduce_sum
 from dist_gpt.eval import hellaswag
+from dist_gpt.runtime.distributed import DistEnv, all_reduce_sum
 
 
 class EvalTasks:

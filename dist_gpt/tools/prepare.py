@@ -9,7 +9,8 @@ defaults to the config's data.dir, else data/<dataset name> (where training look
 import argparse
 import dataclasses
 
-from dist_gpt.config import Config, add_print_config, load_config, render_config
+from dist_gpt.config import Config, load_config
+from dist_gpt.config_render import add_print_config, render_config
 from dist_gpt.data import prepare_dataset
 from dist_gpt.errors import cli
 
