@@ -272,3 +272,13 @@ class Proc:
         finally:
             self.file.close()
         return code
+
+
+@pytest.fixture
+def offline_data(tmp_path_factory, monkeypatch):
+    """No network, and no cache shared with other processes (datasets reads these when first imported)."""
+    cache = tmp_path_factory.getbasetemp() / "caches"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(cache / "hf"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache / "tiktoken"))

@@ -20,14 +20,7 @@ from dist_gpt.errors import UserError
 from dist_gpt.tokenizer import EOT_ID, decode, encode
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path_factory, monkeypatch):
-    """No network, and no cache shared with other processes (datasets reads these when first imported)."""
-    cache = tmp_path_factory.getbasetemp() / "caches"
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(cache / "hf"))
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache / "tiktoken"))
+pytestmark = pytest.mark.usefixtures("offline_data")
 
 
 def split_documents(path: Path) -> list[str]:

@@ -14,12 +14,7 @@ from dist_gpt.data.sources import PARQUET_REVISION
 from dist_gpt.tools.prepare import main as prepare_main
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "caches"
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(cache / "hf"))
+pytestmark = pytest.mark.usefixtures("offline_data")
 
 
 def test_a_loading_script_is_refused_by_datasets_then_its_parquet_conversion_is_tried_all_in_one_line(tmp_path, capsys):
