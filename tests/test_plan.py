@@ -156,7 +156,9 @@ def test_predicted_peak_within_15_percent_of_the_bench(label, processes):
     """The planner on "cpu" vs `python -m dist_gpt.bench` (torchrun for 2 processes): resident peak of rank 0.
     One process without checkpointing is tests/test_autotune.py's case; these add checkpointing and DDP."""
     bench = _load_benchmark()
-    option, overrides, size = bench.option_named(label), ["train.device=cpu", *bench.CPU_SHAPE], 16
+    # fp32: the accounting checked here is the strategies' and checkpointing's (bf16 autocast on a CPU that has it,
+    # train.dtype auto's choice there, is predicted 5-16 % low: docs/benchmarks.md)
+    option, overrides, size = bench.option_named(label), ["train.device=cpu", "train.dtype=fp32", *bench.CPU_SHAPE], 16
     predicted = bench.predicted_mb("bible-tiny", overrides, option, processes, size, "cpu")
 
     def measure() -> float:

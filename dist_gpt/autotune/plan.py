@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from dist_gpt.autotune import memory
 from dist_gpt.config import CHOICES, Config, load_config
 from dist_gpt.errors import UserError
+from dist_gpt.runtime.precision import cpu_has_native_bf16
 
 MB, GB = memory.MB, memory.GB
 MAX_GPUS = 1024  # how far "the fewest GPUs that fit" looks
@@ -99,7 +100,10 @@ class Request:
 
 
 def resolve_dtype(request: Request, config: Config) -> str:
-    dtype = request.dtype or (config.train.dtype if config.train.dtype != "auto" else ("bf16" if request.device == "cuda" else "fp32"))
+    """--dtype, else the config's train.dtype; auto as training resolves it: bf16 on a GPU (one with native bf16 is
+    assumed: the planner rents), on a CPU bf16 where this one has it natively, else fp32."""
+    auto = "bf16" if request.device == "cuda" or cpu_has_native_bf16() else "fp32"
+    dtype = request.dtype or (config.train.dtype if config.train.dtype != "auto" else auto)
     if dtype not in CHOICES[("train", "dtype")]:
         trains = ", ".join(c for c in CHOICES[("train", "dtype")] if c != "auto")
         raise UserError(f"dtype {dtype}: this version of dist_gpt trains in {trains} only (train.dtype); plan with --dtype bf16 (the same bytes)")
