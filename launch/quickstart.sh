@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh Debian/Ubuntu machine, CPU only, ~9 minutes on 2 cores:
+# The main job on a fresh Debian/Ubuntu machine, CPU only, ~3 minutes on 2 cores plus the installs:
 # install, get the Spanish Reina-Valera 1909 Bible, prepare it, train `bible-tiny`, sample from it.
 # Re-running it resumes the run (or says it is done) and re-samples.
 set -euo pipefail

@@ -16,3 +16,9 @@
 May import: core (config, model, errors), data/ (the data identity a checkpoint records), runtime/, parallel/ (the strategy writes and reads its own shards).
 Never: interop/, engine/, train/ and above (they import this).
 """
+
+import warnings
+
+# DCP warns on every single-process save and load (a resume, `sample`, `export`) that it assumes a single process,
+# which is what we mean: said once here, for every module of the package.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")

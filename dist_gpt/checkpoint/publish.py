@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,6 @@ from dist_gpt.parallel import checkpoint_file_rank
 from dist_gpt.runtime.distributed import DistEnv, broadcast_from_main, gather_objects
 from dist_gpt.runtime.safe_write import attempt_write, describe_write_error, write_atomically
 
-# DCP warns on every single-process save/load that it assumes a single process, which is what we mean.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)  # how a failed write surfaces (safe_write names it)
 
 
