@@ -64,5 +64,7 @@ def test_under_the_torchrun_command_its_report_names_our_error():
 def test_under_the_deepspeed_command_a_mistake_keeps_its_line_and_exit_code():
     exe = Path(sys.executable).with_name("deepspeed")
     code, lines = screen([str(exe) if exe.exists() else "deepspeed", "--num_gpus", "2", "launch/train.py", *MISTAKE], **{SKIP_SHM_BUILD_ENV: "1", "DS_ACCELERATOR": "cpu"})
-    assert code == 2 and sum(line.startswith(ITS_LINE) for line in lines) == 2, lines  # each worker's; DeepSpeed logs after it
+    # Each worker finds the mistake and says it; DeepSpeed's launcher kills the other workers as soon as one has
+    # failed, so the second line is printed only when that worker got there first (1 of 3 suite runs: it did not).
+    assert code == 2 and 1 <= sum(line.startswith(ITS_LINE) for line in lines) <= 2, lines  # DeepSpeed logs after it
     assert not any("Traceback" in line for line in lines), lines
