@@ -6,6 +6,7 @@ import os
 import random
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -282,3 +283,11 @@ def offline_data(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(cache / "hf"))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache / "tiktoken"))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1: for launchers that default to a fixed one (deepspeed's 29500) and servers the
+    tests start, so that concurrent test runs do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,19 +5,15 @@ would reach AWS: no code of ours knows it is a test."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from conftest import free_port
+
 BUCKET = "dist-gpt-test"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:

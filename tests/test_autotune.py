@@ -166,15 +166,12 @@ def test_two_ranks_on_cpu_when_one_runs_out(tmp_path):
     some size on only rank 1 runs out. Rank 0's trial is then stuck in (or broken by) DDP's all-reduce with
     a rank that is gone: it is stopped, counted as out of memory too, and both ranks choose the same size
     without hanging."""
-    import socket
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from conftest import free_port, subprocess_env
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     model = ["model.n_layer=2", "model.n_head=2", "model.n_embd=128", "model.block_size=128", "model.vocab_size=4096", "model.tokenizer_vocab_size=4096"]
     command = [sys.executable, "-m", "dist_gpt.autotune_batch", "--config", "bible-tiny", "--strategy", "ddp", "--memory-budget-gb", "2",
                "--trial-steps", "2", "train.device=cpu", "train.dtype=fp32", "train.global_batch_size=128", *model]

@@ -19,7 +19,6 @@ from dist_gpt.data.sources import open_source
 from dist_gpt.errors import UserError
 from dist_gpt.tokenizer import EOT_ID, decode, encode
 
-
 pytestmark = pytest.mark.usefixtures("offline_data")
 
 

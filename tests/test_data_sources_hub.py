@@ -13,7 +13,6 @@ from dist_gpt.data import prepare_dataset
 from dist_gpt.data.sources import PARQUET_REVISION
 from dist_gpt.tools.prepare import main as prepare_main
 
-
 pytestmark = pytest.mark.usefixtures("offline_data")
 
 
@@ -27,7 +26,7 @@ def test_a_loading_script_is_refused_by_datasets_then_its_parquet_conversion_is_
     with pytest.raises(SystemExit) as e:
         prepare_main(["--dataset", f"hf:{folder}", "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
-    assert f"is a dataset with a loading script, which datasets" in out and f"revision {PARQUET_REVISION}" in out
+    assert "is a dataset with a loading script, which datasets" in out and f"revision {PARQUET_REVISION}" in out
     assert_one_line_error(e.value.code, err, f"cannot load Hugging Face dataset '{folder}'", f"nor its Parquet conversion ({PARQUET_REVISION})", "Dataset scripts are no longer supported")
     assert not (tmp_path / "out" / "meta.json").exists()
 

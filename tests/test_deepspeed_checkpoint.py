@@ -8,14 +8,13 @@ and must log the reference's losses for steps 4-6.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, assert_transformers_computes, losses_by_step, subprocess_env
+from conftest import REPO, TINY_MODEL, assert_transformers_computes, free_port, losses_by_step, subprocess_env
 
 from dist_gpt.checkpoint.consolidate import consolidated_state_dict
 from dist_gpt.parallel.deepspeed import SKIP_SHM_BUILD_ENV
@@ -37,11 +36,6 @@ OVERRIDES = TINY_MODEL + [
     "checkpoint.keep_last_k=3",
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(out_dir: Path, data_dir: Path, run_name: str, stage: str, nproc: int, *extra: str) -> subprocess.CompletedProcess:

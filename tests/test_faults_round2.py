@@ -35,7 +35,6 @@ from conftest import (
 )
 
 from dist_gpt.config import load_config
-from dist_gpt.errors import UserError
 from dist_gpt.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import needs_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 

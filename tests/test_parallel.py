@@ -13,7 +13,6 @@ does not hang CI.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, assert_transformers_computes, read_jsonl, subprocess_env
+from conftest import REPO, TINY_MODEL, assert_transformers_computes, free_port, read_jsonl, subprocess_env
 
 from dist_gpt.config import load_config
 from dist_gpt.errors import UserError
@@ -76,12 +75,6 @@ RUNS = {
     "zero3-offload": (deepspeed_launcher, "zero3-offload", []),
 }
 
-
-def free_port() -> int:
-    """The deepspeed launcher always takes port 29500 unless told otherwise: concurrent test runs collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
